@@ -1,0 +1,37 @@
+"""Every error minilora raises on purpose, in one place.
+
+Each message says what went wrong, where (file, key, row or flag), what was expected and what was
+found, and what to do. Callers catch `MiniloraError` to tell our clear errors from bugs.
+"""
+
+
+class MiniloraError(Exception):
+    """Base class: a problem with the user's input or environment, explained in the message."""
+
+
+class ConfigError(MiniloraError, ValueError):
+    """A config.json / training config value we cannot honour (unknown key value, bad type, range)."""
+
+
+class CheckpointError(MiniloraError):
+    """A checkpoint directory or weight file that is missing, malformed or does not match the model."""
+
+
+class TokenizerError(MiniloraError):
+    """tokenizer.json / tokenizer_config.json missing or malformed."""
+
+
+class DataError(MiniloraError, ValueError):
+    """A dataset file or row that cannot be used (names the file and row)."""
+
+
+class HubError(MiniloraError):
+    """A hub download that failed (no network, gated repo, unknown id)."""
+
+
+class ResumeError(MiniloraError):
+    """A training checkpoint that cannot be resumed from (incomplete, or from another config)."""
+
+
+class NonFiniteError(MiniloraError, FloatingPointError):
+    """Loss or gradients stayed NaN/inf for too many steps in a row."""
