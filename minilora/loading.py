@@ -1,0 +1,38 @@
+"""`load_model`: name or directory in, (model, tokenizer) out. The public entry point."""
+import torch
+
+from .config import load_config
+from .hub import resolve_model_dir
+from .model import Transformer
+from .tokenizer import load_tokenizer
+from .weights import load_weights
+
+
+def load_model(name_or_dir, dtype=torch.float32, device="cpu", quantize=None, backend="auto", adapter=None,
+               revision=None, token=None):
+    """Load a causal LM and its tokenizer.
+
+    quantize: None (weights in `dtype`) or "nf4" (block linears 4-bit, as QLoRA; embeddings, norms and
+    lm_head stay in `dtype`). backend: "auto" | "torch" | "triton" | "bnb" for the 4-bit matmul.
+    adapter: a PEFT-format LoRA adapter directory to attach.
+    """
+    directory = resolve_model_dir(name_or_dir, revision=revision, token=token)
+    config = load_config(directory)
+    tokenizer = load_tokenizer(directory)
+    with torch.device("meta"):
+        model = Transformer(config)
+    place_linear = None
+    if quantize is not None:
+        if quantize != "nf4":
+            raise ValueError(f"quantize={quantize!r} is not supported (use None or 'nf4').")
+        from .nf4 import Linear4bit
+
+        def place_linear(linear, weight):
+            return Linear4bit.from_weight(weight, linear.bias, backend=backend)
+    load_weights(model, directory, dtype, torch.device(device), place_linear)
+    model.eval()
+    if adapter is not None:
+        from .lora import load_adapter
+
+        load_adapter(model, adapter)
+    return model, tokenizer

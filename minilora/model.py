@@ -1,0 +1,272 @@
+"""The one decoder for every supported family: Llama 3.2 / SmolLM2, Qwen2.5, Gemma, Gemma 2, Gemma 3, Phi-3.
+
+Read top to bottom: RMSNorm, RoPE, Attention (GQA, SDPA), MLP (SwiGLU/GeGLU), Block, Transformer, KVCache.
+Family differences are `ModelConfig` fields (see config.py). Parameter names are the Hugging Face ones, so a
+checkpoint loads almost as the identity and LoRA targets are the names PEFT users type. Checked against
+transformers' modeling_{llama,qwen2,gemma,gemma2,gemma3,phi3}.py by tests/test_model_parity.py.
+
+Shape letters: B batch, T tokens (S: key length with a cache), D model dim, H heads, Hkv kv heads,
+Dh head dim, V vocab, F MLP inner dim.
+
+Attention masking is one rule for training, packing and generation: query q may see key k iff
+  segments[k] == segments[q] and positions[k] <= positions[q] and positions[q] - positions[k] < window.
+Packed rows get one segment id per example (positions restart at 0), padding gets its own segment,
+so nothing leaks across examples and no row is ever fully masked.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from torch import nn
+
+from .config import ModelConfig, RopeConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps, unit_offset=False):
+        super().__init__()
+        self.eps, self.unit_offset = eps, unit_offset
+        self.weight = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim))
+
+    def forward(self, x):
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.unit_offset:  # Gemma: scale by (1 + w) in fp32, cast once at the end
+            return (h * (1.0 + self.weight.float())).to(x.dtype)
+        return self.weight * h.to(x.dtype)  # Llama: cast back to the input dtype, then scale
+
+
+def rope_inverse_frequencies(rope: RopeConfig, head_dim):
+    """inv_freq[j] = theta^(-2j/Dh), rescaled for "linear" and "llama3" (transformers modeling_rope_utils)."""
+    inv_freq = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if rope.kind == "linear":
+        return inv_freq / rope.factor
+    if rope.kind == "llama3":
+        low_wavelen = rope.original_max_position_embeddings / rope.low_freq_factor
+        high_wavelen = rope.original_max_position_embeddings / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
+        smooth = (rope.original_max_position_embeddings / wavelen - rope.low_freq_factor) / (
+            rope.high_freq_factor - rope.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+def rope_cos_sin(inv_freq, positions, dtype):
+    """cos, sin of shape (B, T, Dh) in the "rotate_half" layout: angles computed in fp32, cast once."""
+    angles = positions[..., None].float() * inv_freq.float()  # (B, T, Dh/2)
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    """x: (B, H, T, Dh). Pairs dim j with j + Dh/2 (HF checkpoints expect this, not adjacent pairs)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx):
+        super().__init__()
+        D, H, Hkv, Dh = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = H, Hkv, Dh
+        self.layer_idx, self.scale, self.softcap = layer_idx, config.scale, config.attn_logit_softcap
+        self.q_proj = nn.Linear(D, H * Dh, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(D, Hkv * Dh, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(D, Hkv * Dh, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(H * Dh, D, bias=config.o_bias)
+        if config.qk_norm:  # Gemma 3: per-head RMSNorm of q and k before RoPE
+            self.q_norm = RMSNorm(Dh, config.rms_norm_eps, config.norm_unit_offset)
+            self.k_norm = RMSNorm(Dh, config.rms_norm_eps, config.norm_unit_offset)
+
+    def forward(self, x, cos, sin, mask, cache=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Dh)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q.transpose(1, 2), cos, sin)  # (B, H, T, Dh)
+        k = apply_rope(k.transpose(1, 2), cos, sin)  # (B, Hkv, T, Dh)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, S, Dh)
+        if self.softcap is None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                                 scale=self.scale, enable_gqa=self.n_heads != self.n_kv_heads)
+        else:
+            out = self._softcapped_attention(q, k, v, mask)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+    def _softcapped_attention(self, q, k, v, mask):
+        """Gemma 2: scores = cap * tanh(scores / cap) after scaling, before the mask; softmax in fp32."""
+        groups = self.n_heads // self.n_kv_heads
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        scores = (q @ k.transpose(-1, -2)) * self.scale  # (B, H, T, S)
+        scores = self.softcap * torch.tanh(scores / self.softcap)
+        if mask is None:
+            T, S = scores.shape[-2:]
+            mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+        scores = scores.masked_fill(~mask, float("-inf"))
+        return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        D, Fd, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(D, Fd, bias=bias)
+        self.up_proj = nn.Linear(D, Fd, bias=bias)
+        self.down_proj = nn.Linear(Fd, D, bias=bias)
+        self.activation = config.activation
+
+    def forward(self, x):
+        gate = self.gate_proj(x)
+        if self.activation == "silu":
+            gate = F.silu(gate)  # SwiGLU
+        else:  # GeGLU; Gemma uses the tanh approximation
+            gate = F.gelu(gate, approximate="tanh" if self.activation == "gelu_tanh" else "none")
+        return self.down_proj(gate * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx):
+        super().__init__()
+        eps, offset = config.rms_norm_eps, config.norm_unit_offset
+        self.self_attn = Attention(config, layer_idx)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps, offset)
+        # In Llama/Qwen2/Gemma/Phi-3 this is the pre-MLP norm; in Gemma 2/3 it normalises the attention output.
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, offset)
+        if config.sandwich_norms:  # Gemma 2/3: four norms per block
+            self.pre_feedforward_layernorm = RMSNorm(config.hidden_size, eps, offset)
+            self.post_feedforward_layernorm = RMSNorm(config.hidden_size, eps, offset)
+        self.sandwich = config.sandwich_norms
+
+    def forward(self, x, cos, sin, mask, cache=None):
+        if self.sandwich:
+            x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, mask, cache))
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    """Holds what HF checkpoints call `model.*`: embeddings, blocks, final norm."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_unit_offset)
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = Backbone(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.gradient_checkpointing = False
+        self.reset_rope()
+
+    def reset_rope(self, device=None):
+        """(Re)compute the RoPE inverse frequencies; buffers are not in checkpoints."""
+        c = self.config
+        self.register_buffer("inv_freq", rope_inverse_frequencies(c.rope, c.head_dim).to(device), persistent=False)
+        if c.local_rope is not None:  # Gemma 3: sliding layers use their own base
+            self.register_buffer("inv_freq_local", rope_inverse_frequencies(c.local_rope, c.head_dim).to(device),
+                                 persistent=False)
+
+    def forward(self, input_ids, positions=None, segments=None, cache=None):
+        """input_ids (B, T) -> logits (B, T, V) in fp32 for the loss / sampling."""
+        return self.logits(self.hidden_states(input_ids, positions, segments, cache))
+
+    def logits(self, hidden):
+        logits = self.lm_head(hidden).float()
+        cap = self.config.final_logit_softcap
+        return logits if cap is None else cap * torch.tanh(logits / cap)  # Gemma 2
+
+    def hidden_states(self, input_ids, positions=None, segments=None, cache=None):
+        """The final-normed hidden states (B, T, D); `positions`/`segments` (B, T) as in the module docstring."""
+        c = self.config
+        B, T = input_ids.shape
+        x = self.model.embed_tokens(input_ids)
+        if c.embedding_scale is not None:  # Gemma: sqrt(D) rounded to the model dtype first, as HF does
+            x = x * torch.tensor(c.embedding_scale, dtype=x.dtype)
+        if positions is None:
+            start = 0 if cache is None else cache.length
+            positions = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
+        if segments is None and cache is None:
+            segments_q = None
+        else:
+            segments_q = segments if segments is not None else torch.ones_like(input_ids)
+        if cache is not None:
+            cache.append_positions(positions, segments_q)
+        rope_tables = {"global": rope_cos_sin(self.inv_freq, positions, x.dtype)}
+        if c.local_rope is not None:
+            rope_tables["local"] = rope_cos_sin(self.inv_freq_local, positions, x.dtype)
+        masks = {}
+        for i, layer in enumerate(self.model.layers):
+            window = c.layer_windows[i]
+            if window not in masks:
+                masks[window] = build_mask(positions, segments_q, window, cache)
+            cos, sin = rope_tables["local" if (c.local_rope is not None and window is not None) else "global"]
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, masks[window], cache, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, masks[window], cache)
+        if cache is not None:
+            cache.length += T
+        return self.model.norm(x)
+
+
+def build_mask(positions, segments, window, cache=None):
+    """Boolean (B, 1, T, S) mask, True = may attend; None means plain causal (SDPA's fast path)."""
+    if cache is not None:
+        key_positions, key_segments = cache.key_positions, cache.key_segments  # (B, S)
+    elif segments is None and window is None:
+        return None
+    else:
+        key_positions = positions
+        key_segments = segments if segments is not None else torch.ones_like(positions)
+        segments = key_segments
+    q_pos, k_pos = positions[:, None, :, None], key_positions[:, None, None, :]
+    mask = (k_pos <= q_pos) & (segments[:, None, :, None] == key_segments[:, None, None, :])
+    if window is not None:
+        mask &= (q_pos - k_pos) < window
+    return mask
+
+
+class KVCache:
+    """Preallocated keys and values for every layer, plus the position and segment of every slot.
+
+    Shapes never change while decoding (the whole buffer is attended to, unfilled slots masked out by
+    segment -1), so a decode step can be captured in a CUDA graph.
+    """
+
+    def __init__(self, config: ModelConfig, batch_size, max_length, device, dtype):
+        shape = (batch_size, config.num_key_value_heads, max_length, config.head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.key_positions = torch.zeros(batch_size, max_length, dtype=torch.long, device=device)
+        self.key_segments = torch.full((batch_size, max_length), -1, dtype=torch.long, device=device)
+        self.max_length, self.length = max_length, 0
+
+    def append_positions(self, positions, segments):
+        T = positions.shape[1]
+        if self.length + T > self.max_length:
+            raise ValueError(f"KV cache holds {self.max_length} tokens; {self.length} + {T} do not fit.")
+        self.key_positions[:, self.length:self.length + T] = positions
+        self.key_segments[:, self.length:self.length + T] = segments
+
+    def update(self, layer_idx, k, v):
+        T = k.shape[2]
+        self.keys[layer_idx][:, :, self.length:self.length + T] = k
+        self.values[layer_idx][:, :, self.length:self.length + T] = v
+        return self.keys[layer_idx], self.values[layer_idx]

@@ -1,0 +1,124 @@
+"""The tokenizer: a `tokenizers.Tokenizer` read from `tokenizer.json`, plus the special ids.
+
+bos/eos/pad ids come from `tokenizer_config.json` (token strings, or `added_tokens_decoder`) and
+`generation_config.json` (`eos_token_id`, possibly a list: every id in it stops generation), falling back
+to `config.json`. Matches what transformers' `AutoTokenizer` does for the fast tokenizers of our models.
+"""
+import json
+import os
+
+import tokenizers
+
+from .errors import TokenizerError
+
+
+class Tokenizer:
+    """`encode(text) -> list[int]` and `decode(ids) -> str`, with the model's special ids."""
+
+    def __init__(self, tokenizer, bos_id, eos_id, pad_id, stop_ids=None):
+        self._tokenizer = tokenizer
+        self.bos_id = bos_id
+        self.eos_id = eos_id
+        # No pad token (Llama 3.2, Qwen2.5 base): pad with eos, which labels and masks hide anyway.
+        self.pad_id = pad_id if pad_id is not None else eos_id
+        self.stop_ids = sorted(set(stop_ids or []) | {eos_id})
+
+    @property
+    def vocab_size(self):
+        return self._tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text, add_special_tokens=False):
+        """Token ids of `text`; with add_special_tokens the tokenizer's post-processor adds BOS where the model uses one."""
+        return self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_batch(self, texts, add_special_tokens=False):
+        return [e.ids for e in self._tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)]
+
+    def decode(self, ids, skip_special_tokens=True):
+        return self._tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token):
+        return self._tokenizer.token_to_id(token)
+
+    def save(self, directory):
+        """Write tokenizer.json and a minimal tokenizer_config.json naming the special tokens."""
+        os.makedirs(directory, exist_ok=True)
+        self._tokenizer.save(os.path.join(directory, "tokenizer.json"))
+        names = {k: self._tokenizer.id_to_token(v) for k, v in
+                 (("bos_token", self.bos_id), ("eos_token", self.eos_id), ("pad_token", self.pad_id)) if v is not None}
+        with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+            json.dump(names, f, indent=2)
+
+
+def _read_json(path):
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise TokenizerError(f"{path}: not valid JSON ({e}). Re-download or fix the file.") from None
+    if not isinstance(data, dict):
+        raise TokenizerError(f"{path}: expected a JSON object, found {type(data).__name__}.")
+    return data
+
+
+def _token_id(tokenizer, value, source):
+    """A special token given as a string, an AddedToken dict, or an id."""
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        value = value.get("content")
+    if isinstance(value, int):
+        return value
+    if not isinstance(value, str):
+        raise TokenizerError(f"{source}: special token {value!r} is neither a string nor an id.")
+    token_id = tokenizer.token_to_id(value)
+    if token_id is None:
+        raise TokenizerError(f"{source}: special token {value!r} is not in tokenizer.json's vocabulary.")
+    return token_id
+
+
+def _as_list(value):
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def load_tokenizer(directory):
+    """Read `directory/tokenizer.json` and the special ids from the json files beside it."""
+    path = os.path.join(directory, "tokenizer.json")
+    if not os.path.isfile(path):
+        extra = " (a sentencepiece tokenizer.model alone is not supported: convert it with transformers' "
+        extra += "AutoTokenizer(...).save_pretrained(DIR), which writes tokenizer.json)"
+        raise TokenizerError(f"{path} is missing{extra if os.path.exists(os.path.join(directory, 'tokenizer.model')) else ''}.")
+    try:
+        tokenizer = tokenizers.Tokenizer.from_file(path)
+    except Exception as e:  # tokenizers raises bare Exceptions on malformed files
+        raise TokenizerError(f"{path}: cannot be read by `tokenizers` ({e}). Re-download the file.") from None
+    tok_cfg_path = os.path.join(directory, "tokenizer_config.json")
+    gen_cfg_path = os.path.join(directory, "generation_config.json")
+    model_cfg_path = os.path.join(directory, "config.json")
+    tok_cfg, gen_cfg, model_cfg = _read_json(tok_cfg_path), _read_json(gen_cfg_path), _read_json(model_cfg_path)
+
+    def pick(key):  # tokenizer_config's token strings first, then ids from generation_config / config
+        value = _token_id(tokenizer, tok_cfg.get(key.replace("_id", "")), tok_cfg_path)
+        for cfg, src in ((gen_cfg, gen_cfg_path), (model_cfg, model_cfg_path)):
+            if value is None and cfg.get(key) is not None:
+                ids = _as_list(cfg[key])
+                value = ids[0] if ids else None
+        return value
+
+    bos_id, pad_id = pick("bos_token_id"), pick("pad_token_id")
+    eos_id = pick("eos_token_id")
+    stop_ids = _as_list(gen_cfg.get("eos_token_id")) or _as_list(model_cfg.get("eos_token_id"))
+    if eos_id is None:
+        if not stop_ids:
+            raise TokenizerError(f"{directory}: no eos token in tokenizer_config.json, generation_config.json "
+                                 "or config.json; add `eos_token` to tokenizer_config.json.")
+        eos_id = stop_ids[0]
+    for name, value in (("bos", bos_id), ("eos", eos_id), ("pad", pad_id), *(("stop", s) for s in stop_ids)):
+        if value is not None and not (0 <= int(value) < tokenizer.get_vocab_size(with_added_tokens=True)):
+            raise TokenizerError(f"{directory}: {name} id {value} is outside the vocabulary "
+                                 f"(size {tokenizer.get_vocab_size(with_added_tokens=True)}).")
+    return Tokenizer(tokenizer, bos_id, eos_id, pad_id, stop_ids)

@@ -1,0 +1,172 @@
+"""Loading Hugging Face safetensors checkpoints into `Transformer`, strictly and tensor by tensor.
+
+- `model.safetensors`, or shards listed in `model.safetensors.index.json`.
+- Strict: every checkpoint tensor maps to a parameter, every parameter is filled once, shapes match,
+  dtypes are floating point; all problems are gathered into one `CheckpointError` naming file and key.
+- Pickle formats (`*.bin`, `*.pt`, `*.pth`) are refused: loading them can run arbitrary code.
+- Streaming: the model is built on the meta device and each tensor is read, cast and moved on its own,
+  so host memory peaks near one copy of the model in the target dtype. A `place_linear` hook lets the
+  NF4 path quantize each block linear as it arrives, so the float copy of a 3B model never exists.
+- Phi-3's fused `qkv_proj` / `gate_up_proj` are split here (rows q;k;v and gate;up).
+"""
+import json
+import os
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from .config import ModelConfig
+from .errors import CheckpointError
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def find_weight_files(directory):
+    """The safetensors files of a checkpoint directory, checked to exist, in index order."""
+    index_path = os.path.join(directory, "model.safetensors.index.json")
+    single = os.path.join(directory, "model.safetensors")
+    if os.path.isfile(index_path):
+        try:
+            with open(index_path, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+            if not isinstance(weight_map, dict):
+                raise TypeError("weight_map is not an object")
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index_path}: malformed shard index ({e!r}); expected "
+                                  '{"weight_map": {"tensor name": "shard file", ...}}.') from None
+        files = []
+        for shard in weight_map.values():
+            if not isinstance(shard, str) or os.path.basename(shard) != shard:
+                raise CheckpointError(f"{index_path}: shard name {shard!r} is not a plain file name.")
+            if shard not in files:
+                files.append(shard)
+        missing = [s for s in files if not os.path.isfile(os.path.join(directory, s))]
+        if missing:
+            raise CheckpointError(f"{index_path} lists shard(s) that are missing from {directory}: "
+                                  f"{', '.join(missing)}. Download the complete checkpoint again.")
+        return [os.path.join(directory, s) for s in files]
+    if os.path.isfile(single):
+        return [single]
+    pickles = sorted(f for f in os.listdir(directory) if f.endswith(PICKLE_SUFFIXES))
+    if pickles:
+        raise CheckpointError(
+            f"{directory} holds only pickle weights ({', '.join(pickles)}). minilora does not load pickle files "
+            "because loading them can run arbitrary code. Convert them once to safetensors, e.g. "
+            "`AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(OUT, safe_serialization=True)`.")
+    raise CheckpointError(f"{directory} has no model.safetensors or model.safetensors.index.json.")
+
+
+def checkpoint_key_map(config: ModelConfig, model: nn.Module):
+    """HF tensor name -> list of (parameter name, row slice or None). Identity except Phi-3's fused tensors."""
+    names = {name: [(name, None)] for name, _ in model.named_parameters()}
+    if config.fused_qkv:
+        q_rows = config.num_attention_heads * config.head_dim
+        kv_rows = config.num_key_value_heads * config.head_dim
+        F = config.intermediate_size
+        for i in range(config.num_hidden_layers):
+            attn, mlp = f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
+            for part in ("weight", "bias"):
+                if f"{attn}.q_proj.{part}" in names:
+                    names[f"{attn}.qkv_proj.{part}"] = [
+                        (f"{attn}.q_proj.{part}", slice(0, q_rows)),
+                        (f"{attn}.k_proj.{part}", slice(q_rows, q_rows + kv_rows)),
+                        (f"{attn}.v_proj.{part}", slice(q_rows + kv_rows, q_rows + 2 * kv_rows))]
+                    for p in "qkv":
+                        del names[f"{attn}.{p}_proj.{part}"]
+            names[f"{mlp}.gate_up_proj.weight"] = [(f"{mlp}.gate_proj.weight", slice(0, F)),
+                                                   (f"{mlp}.up_proj.weight", slice(F, 2 * F))]
+            del names[f"{mlp}.gate_proj.weight"], names[f"{mlp}.up_proj.weight"]
+    return names
+
+
+def set_parameter(model, name, value: torch.Tensor):
+    """Replace the (meta) parameter `name` by `value`, frozen-or-not as before."""
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    old = getattr(module, attr)
+    setattr(module, attr, nn.Parameter(value, requires_grad=old.requires_grad))
+
+
+def _open(path):
+    try:
+        return safe_open(path, framework="pt", device="cpu")
+    except Exception as e:  # safetensors raises SafetensorError / OSError for truncated or garbled files
+        size = os.path.getsize(path) if os.path.exists(path) else "missing"
+        raise CheckpointError(f"{path}: cannot be read as safetensors ({e}); file size {size} bytes. "
+                              "The file is probably truncated or corrupt: download it again.") from None
+
+
+def load_weights(model: nn.Module, directory, dtype, device, place_linear=None):
+    """Fill the meta-device `model` from the checkpoint in `directory`; returns the model.
+
+    place_linear(linear, weight) -> nn.Module | None: called for each block linear (the meta nn.Linear,
+    whose `bias` the new module must keep) with its weight already on `device` in `dtype`; a returned
+    module replaces the nn.Linear (e.g. a 4-bit layer), None keeps the float weight.
+    """
+    config = model.config
+    key_map = checkpoint_key_map(config, model)
+    expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    filled, problems = set(), []
+    pending_rows = {}  # Phi-3 fused tensors are split and could arrive in any shard order
+    for path in find_weight_files(directory):
+        handle = _open(path)
+        fname = os.path.basename(path)
+        with handle:
+            for key in handle.keys():
+                if key == "lm_head.weight" and config.tie_word_embeddings:
+                    continue  # a tied model that also stores its head (vllm#6758): the embedding is used
+                if key not in key_map:
+                    problems.append(f"{fname}: unexpected tensor {key!r} (no such parameter in a {config.model_type} model)")
+                    continue
+                try:
+                    tensor = handle.get_tensor(key)
+                except Exception as e:
+                    problems.append(f"{fname}: tensor {key!r} cannot be read ({e}); the file is truncated or corrupt")
+                    continue
+                if tensor.dtype not in FLOAT_DTYPES:
+                    problems.append(f"{fname}: tensor {key!r} has dtype {tensor.dtype}, expected a float type "
+                                    "(a pre-quantized 4-bit checkpoint needs load_model(..., quantize='nf4'))")
+                    continue
+                for name, rows in key_map[key]:
+                    part = tensor if rows is None else tensor[rows]
+                    if rows is not None and part.shape[0] != rows.stop - rows.start:
+                        problems.append(f"{fname}: fused tensor {key!r} has {tensor.shape[0]} rows, expected at least {rows.stop}")
+                        continue
+                    if tuple(part.shape) != expected[name]:
+                        problems.append(f"{fname}: tensor {key!r} has shape {list(part.shape)}, expected {list(expected[name])}")
+                        continue
+                    if name in filled:
+                        problems.append(f"{fname}: tensor {key!r} appears more than once")
+                        continue
+                    filled.add(name)
+                    _place(model, name, part, dtype, device, place_linear)
+                del tensor
+    missing = sorted(set(expected) - filled)
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        problems.append(f"missing tensors (no file in {directory} has them): {shown}")
+    if problems:
+        raise CheckpointError(f"checkpoint {directory} does not match the {config.model_type} model built from its "
+                              "config.json:\n  - " + "\n  - ".join(problems))
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.reset_rope(device)
+    return model
+
+
+def _is_block_linear(name):
+    return name.startswith("model.layers.") and name.endswith("_proj.weight")
+
+
+def _place(model, name, tensor, dtype, device, place_linear):
+    if place_linear is not None and _is_block_linear(name):
+        module_name = name[: -len(".weight")]
+        old = model.get_submodule(module_name)
+        replacement = place_linear(old, tensor.to(device=device, dtype=dtype))
+        if replacement is not None:
+            parent_name, _, child = module_name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, replacement)
+            return
+    set_parameter(model, name, tensor.to(device=device, dtype=dtype).contiguous())
