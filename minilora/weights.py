@@ -4,16 +4,17 @@
 - Strict: every checkpoint tensor maps to a parameter, every parameter is filled once, shapes match,
   dtypes are floating point; all problems are gathered into one `CheckpointError` naming file and key.
 - Pickle formats (`*.bin`, `*.pt`, `*.pth`) are refused: loading them can run arbitrary code.
-- Streaming: the model is built on the meta device and each tensor is read, cast and moved on its own,
-  so host memory peaks near one copy of the model in the target dtype. A `place_linear` hook lets the
+- Streaming: the model is built on the meta device and each tensor is read (plain reads, no mmap that
+  would keep the file's pages resident), cast and moved on its own, so host memory peaks near one copy
+  of the model in the target dtype plus one tensor. A `place_linear` hook lets the
   NF4 path quantize each block linear as it arrives, so the float copy of a 3B model never exists.
 - Phi-3's fused `qkv_proj` / `gate_up_proj` are split here (rows q;k;v and gate;up).
 """
 import json
+import math
 import os
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from .config import ModelConfig
@@ -89,13 +90,80 @@ def set_parameter(model, name, value: torch.Tensor):
     setattr(module, attr, nn.Parameter(value, requires_grad=old.requires_grad))
 
 
-def _open(path):
-    try:
-        return safe_open(path, framework="pt", device="cpu")
-    except Exception as e:  # safetensors raises SafetensorError / OSError for truncated or garbled files
-        size = os.path.getsize(path) if os.path.exists(path) else "missing"
-        raise CheckpointError(f"{path}: cannot be read as safetensors ({e}); file size {size} bytes. "
-                              "The file is probably truncated or corrupt: download it again.") from None
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
+MAX_HEADER_BYTES = 100 * 2**20  # the format's own limit
+
+
+class SafetensorsFile:
+    """A safetensors file read tensor by tensor with plain reads; the header is validated up front.
+
+    Format: 8-byte little-endian header length N, N bytes of JSON {name: {dtype, shape, data_offsets}},
+    then the data; offsets are relative to the end of the header.
+    """
+
+    def __init__(self, path):
+        self.path, self.name = path, os.path.basename(path)
+        size = os.path.getsize(path)
+        self._file = open(path, "rb")
+        try:
+            self._read_header(size)
+        except BaseException:
+            self._file.close()
+            raise
+
+    def _fail(self, what):
+        raise CheckpointError(f"{self.path}: {what}. The file is truncated or corrupt: download it again.")
+
+    def _read_header(self, size):
+        head = self._file.read(8)
+        if len(head) < 8:
+            self._fail(f"only {size} bytes, too short for a safetensors header")
+        n = int.from_bytes(head, "little")
+        if n > min(size - 8, MAX_HEADER_BYTES):
+            self._fail(f"header length {n} exceeds the file size {size}")
+        try:
+            header = json.loads(self._file.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            self._fail(f"header is not valid JSON ({e})")
+        if not isinstance(header, dict):
+            self._fail("header is not a JSON object")
+        header.pop("__metadata__", None)
+        self._data_start, self._entries = 8 + n, {}
+        for key, entry in header.items():
+            try:
+                dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+                shape = [int(d) for d in entry["shape"]]
+                begin, end = (int(o) for o in entry["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                self._fail(f"tensor {key!r} has a malformed header entry {entry!r}")
+            nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+            if min(shape, default=0) < 0 or begin < 0 or end - begin != nbytes:
+                self._fail(f"tensor {key!r}: offsets {begin}..{end} do not fit shape {shape} of {entry['dtype']}")
+            if self._data_start + end > size:
+                self._fail(f"tensor {key!r} ends at byte {self._data_start + end} but the file has {size} bytes")
+            self._entries[key] = (dtype, shape, begin)
+
+    def keys(self):
+        return list(self._entries)
+
+    def get_tensor(self, key):
+        dtype, shape, begin = self._entries[key]
+        tensor = torch.empty(shape, dtype=dtype)
+        if tensor.numel():
+            self._file.seek(self._data_start + begin)
+            self._file.readinto(memoryview(tensor.view(-1).view(torch.uint8).numpy()))
+        return tensor
+
+    def close(self):
+        self._file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 def load_weights(model: nn.Module, directory, dtype, device, place_linear=None):
@@ -111,20 +179,15 @@ def load_weights(model: nn.Module, directory, dtype, device, place_linear=None):
     filled, problems = set(), []
     pending_rows = {}  # Phi-3 fused tensors are split and could arrive in any shard order
     for path in find_weight_files(directory):
-        handle = _open(path)
         fname = os.path.basename(path)
-        with handle:
+        with SafetensorsFile(path) as handle:
             for key in handle.keys():
                 if key == "lm_head.weight" and config.tie_word_embeddings:
                     continue  # a tied model that also stores its head (vllm#6758): the embedding is used
                 if key not in key_map:
                     problems.append(f"{fname}: unexpected tensor {key!r} (no such parameter in a {config.model_type} model)")
                     continue
-                try:
-                    tensor = handle.get_tensor(key)
-                except Exception as e:
-                    problems.append(f"{fname}: tensor {key!r} cannot be read ({e}); the file is truncated or corrupt")
-                    continue
+                tensor = handle.get_tensor(key)
                 if tensor.dtype not in FLOAT_DTYPES:
                     problems.append(f"{fname}: tensor {key!r} has dtype {tensor.dtype}, expected a float type "
                                     "(a pre-quantized 4-bit checkpoint needs load_model(..., quantize='nf4'))")
