@@ -68,7 +68,10 @@ def _rms_norm_backward_kernel(grad_y_ptr, x_ptr, weight_ptr, rstd_ptr, grad_x_pt
     cols = tl.arange(0, BLOCK_SIZE)
     mask = cols < D
     w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    scale = 1.0 + w if UNIT_OFFSET else w
+    if UNIT_OFFSET:
+        scale = 1.0 + w
+    else:
+        scale = w
     grad_w = tl.zeros((BLOCK_SIZE,), dtype=tl.float32)
     row_start = pid * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, N)
