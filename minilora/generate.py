@@ -1,0 +1,273 @@
+"""Batched text generation with a preallocated KV cache: greedy or sampled, ragged prompts, stop ids and strings.
+
+The shape of pytorch-labs/gpt-fast's generate.py: prefill the prompt once, then decode one token at a time
+into a cache whose tensors never change shape, so on a GPU the decode step is captured once as a CUDA graph
+and replayed (no Python or kernel-launch overhead per layer). Greedy output is checked against transformers'
+`generate` and batched output against one-prompt-at-a-time output in tests/test_generate.py.
+
+Ragged prompts are left-padded. Padding gets segment 0 and every real token segment 1, positions count real
+tokens only (cumsum(valid) - 1), so by model.py's masking rule a padded row computes exactly what it would
+alone. Decoded tokens continue each row's own positions.
+
+Sampling: logits / temperature, then top-p (nucleus: the smallest set of tokens whose probability reaches
+p, as transformers' TopPLogitsWarper), then a draw by the exponential race argmax(p / E), E ~ Exp(1), which
+is a categorical sample without a GPU->CPU sync (gpt-fast). temperature=0 is greedy. With a seeded
+`torch.Generator` a run is reproducible for the same batch composition; draws depend on how prompts are
+batched, greedy output does not.
+"""
+import torch
+
+from .model import KVCache
+
+CUDA_CHECK_EVERY = 16  # decode steps between GPU->CPU syncs that test "all rows finished" / stop strings
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+
+def top_p_filter(logits, top_p):
+    """logits with every token outside the top-p nucleus set to -inf (at least the best token is kept)."""
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # probability of the better tokens
+    drop_sorted = mass_before >= top_p
+    drop_sorted[..., 0] = False
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def sample(logits, temperature=0.0, top_p=1.0, generator=None):
+    """Next token ids (B,) from logits (B, V): argmax when temperature is 0, else a temperature/top-p draw."""
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)
+    probs = top_p_filter(logits.float() / temperature, top_p).softmax(dim=-1)
+    race = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    return (probs / race).argmax(dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------- the cache
+
+class StaticKVCache(KVCache):
+    """model.KVCache whose write position is a device tensor (`slot`) instead of a Python int.
+
+    A CUDA graph replays the exact kernels it captured, so a Python slice `[length:length + T]` would be
+    frozen at capture time; `index_copy_` at `slot + arange(T)` reads the slot from memory on every replay.
+    `length` (the Python counter model.py advances) is not used here.
+    """
+
+    def __init__(self, config, batch_size, max_length, device, dtype):
+        super().__init__(config, batch_size, max_length, device, dtype)
+        self.slot = torch.zeros((), dtype=torch.long, device=device)
+
+    def _slots(self, T):
+        return self.slot + torch.arange(T, device=self.slot.device)
+
+    def append_positions(self, positions, segments):
+        slots = self._slots(positions.shape[1])
+        self.key_positions.index_copy_(1, slots, positions)
+        self.key_segments.index_copy_(1, slots, segments)
+
+    def update(self, layer_idx, k, v):
+        slots = self._slots(k.shape[2])
+        self.keys[layer_idx].index_copy_(2, slots, k)
+        self.values[layer_idx].index_copy_(2, slots, v)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def clear(self):
+        """Forget every slot (segment -1 is never attended to); keys/values are overwritten before use."""
+        self.key_segments.fill_(-1)
+        self.slot.zero_()
+        self.length = 0
+
+
+class Decoder:
+    """A KV cache for (batch_size, max_length) and the one-token decode step over it.
+
+    With `use_graph` (CUDA only) the step is captured once as a CUDA graph and replayed for every token of
+    every batch of the same shape; otherwise it runs eagerly. Both paths run the same code on the same
+    static input tensors, so they compute the same thing.
+    """
+
+    def __init__(self, model, batch_size, max_length, use_graph=False):
+        weight = model.model.embed_tokens.weight
+        self.model, self.batch_size, self.max_length = model, batch_size, max_length
+        self.device = weight.device
+        self.cache = StaticKVCache(model.config, batch_size, max_length, weight.device, weight.dtype)
+        # The decode step's inputs live at fixed addresses; callers copy into them.
+        self.tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)
+        self.positions = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)
+        self.segments = torch.ones(batch_size, 1, dtype=torch.long, device=self.device)
+        self.graph = None
+        if use_graph:
+            self._capture()
+
+    def _forward_step(self):
+        hidden = self.model.hidden_states(self.tokens, self.positions, self.segments, self.cache)
+        return self.model.logits(hidden[:, -1])  # (B, V)
+
+    def _capture(self):
+        # Warm up on a side stream first (cuBLAS handles, Triton autotuning), as torch.cuda.graphs advises.
+        self.cache.slot.fill_(self.max_length - 1)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._forward_step()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._forward_step()
+        self.cache.clear()  # the warm-up wrote a slot; make it invisible again
+
+    def prefill(self, input_ids, positions, segments):
+        """Run the padded prompts (B, P) into a cleared cache; logits (B, V) for the first new token."""
+        self.cache.clear()
+        hidden = self.model.hidden_states(input_ids, positions, segments, self.cache)
+        self.cache.slot.fill_(input_ids.shape[1])
+        return self.model.logits(hidden[:, -1])
+
+    def step(self, tokens, positions):
+        """Feed one token per row (B,) at `positions` (B,) into the next slot; logits (B, V)."""
+        self.tokens.copy_(tokens[:, None])
+        self.positions.copy_(positions[:, None])
+        if self.graph is not None:
+            self.graph.replay()
+            logits = self.logits
+        else:
+            logits = self._forward_step()
+        self.cache.slot += 1
+        return logits
+
+
+# ---------------------------------------------------------------------------------------------- generate
+
+def left_pad(prompts, pad_id, device):
+    """(input_ids, positions, segments), each (B, P), for lists of token ids of different lengths."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate: every prompt needs at least one token (got an empty prompt or no prompts).")
+    P = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), P), pad_id, dtype=torch.long)
+    valid = torch.zeros(len(prompts), P, dtype=torch.bool)
+    for row, ids in enumerate(prompts):
+        input_ids[row, P - len(ids):] = torch.tensor(ids, dtype=torch.long)
+        valid[row, P - len(ids):] = True
+    positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+    return input_ids.to(device), positions.to(device), valid.long().to(device)
+
+
+def _round_up(n, multiple):
+    return -(-n // multiple) * multiple
+
+
+def make_decoder(model, batch_size, max_length, use_graph="auto", previous=None):
+    """A Decoder for this shape, reusing `previous` when it fits (same batch size, long enough)."""
+    device = model.model.embed_tokens.weight.device
+    if use_graph == "auto":
+        use_graph = device.type == "cuda"
+    if (previous is not None and previous.batch_size == batch_size and previous.max_length >= max_length
+            and previous.max_length <= 2 * max_length and (previous.graph is not None) == bool(use_graph)):
+        return previous
+    # Round the length up so batches of similar prompts share one cache and one captured graph.
+    return Decoder(model, batch_size, _round_up(max_length, 64), use_graph=bool(use_graph))
+
+
+def _finds_stop_string(tokenizer, ids, stop_strings):
+    text = tokenizer.decode(ids)
+    return any(s in text for s in stop_strings)
+
+
+@torch.inference_mode()
+def generate(model, prompts, max_new_tokens, *, temperature=0.0, top_p=1.0, generator=None, stop_ids=(),
+             stop_strings=(), tokenizer=None, pad_id=0, use_graph="auto", decoder=None, check_every=None):
+    """New token ids for each prompt (a list of token-id lists), in the prompts' order.
+
+    A row stops at its first token in `stop_ids` (not included in the output), when its decoded text
+    contains one of `stop_strings` (needs `tokenizer`; the ids are cut after the token that completes the
+    string), or after `max_new_tokens`. All prompts run as one batch; pass a `decoder` from
+    `make_decoder` to reuse its cache and CUDA graph across calls (a new one is made if it does not fit).
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"generate: max_new_tokens={max_new_tokens}; expected >= 1.")
+    if stop_strings and tokenizer is None:
+        raise ValueError("generate: stop_strings need the tokenizer to decode with.")
+    if not 0.0 < top_p <= 1.0 or temperature < 0.0:
+        raise ValueError(f"generate: temperature={temperature} (expected >= 0), top_p={top_p} (expected in (0, 1]).")
+    device = model.model.embed_tokens.weight.device
+    input_ids, positions, segments = left_pad(prompts, pad_id, device)
+    B, P = input_ids.shape
+    decoder = make_decoder(model, B, P + max_new_tokens - 1, use_graph, previous=decoder)
+    check_every = check_every or (CUDA_CHECK_EVERY if device.type == "cuda" else 1)
+    stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
+    lengths = positions[:, -1] + 1  # real tokens per row: the next position of each row
+    out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    string_cut = [None] * B  # per row: number of ids kept once a stop string appeared
+
+    logits = decoder.prefill(input_ids, positions, segments)
+    steps = max_new_tokens
+    for i in range(max_new_tokens):
+        if i > 0:
+            logits = decoder.step(out[:, i - 1], lengths + (i - 1))
+        token = torch.where(finished, pad_id, sample(logits, temperature, top_p, generator))
+        out[:, i] = token
+        finished |= torch.isin(token, stop)
+        if (i + 1) % check_every == 0 or i + 1 == max_new_tokens:
+            if stop_strings:
+                _check_stop_strings(out, finished, string_cut, i + 1, check_every, stop, tokenizer, stop_strings)
+            if bool(finished.all()):
+                steps = i + 1
+                break
+
+    results, stop_set = [], set(stop_ids)
+    for row, ids in enumerate(out[:, :steps].tolist()):
+        ids = ids[:string_cut[row]] if string_cut[row] is not None else ids
+        cut = next((j for j, t in enumerate(ids) if t in stop_set), len(ids))
+        results.append(ids[:cut])
+    return results
+
+
+def _check_stop_strings(out, finished, string_cut, n, check_every, stop, tokenizer, stop_strings):
+    """Mark rows whose text now contains a stop string; remember the shortest prefix of ids that does."""
+    rows = out[:, :n].tolist()
+    done = finished.tolist()
+    for row, ids in enumerate(rows):
+        if done[row] or string_cut[row] is not None:
+            continue
+        if _finds_stop_string(tokenizer, ids, stop_strings):
+            # Earlier checks saw no stop string in ids[:n - check_every], so the cut lies after that.
+            start = max(1, n - check_every + 1)
+            string_cut[row] = next(k for k in range(start, n + 1) if _finds_stop_string(tokenizer, ids[:k], stop_strings))
+            finished[row] = True
+
+
+def cut_at_stop_strings(text, stop_strings):
+    """`text` up to (not including) the earliest of `stop_strings`."""
+    ends = [text.find(s) for s in stop_strings if s in text]
+    return text[:min(ends)] if ends else text
+
+
+def generate_text(model, tokenizer, prompts, max_new_tokens, *, batch_size=16, temperature=0.0, top_p=1.0,
+                  generator=None, stop_strings=(), use_graph="auto", add_special_tokens=True, progress=None):
+    """Completions (str) for prompt strings, batched by similar length, returned in the prompts' order.
+
+    Prompts are encoded as training encodes them (with the tokenizer's BOS); generation stops at the
+    tokenizer's stop ids, at `stop_strings` (cut from the text) or after `max_new_tokens`. `progress`, if
+    given, is called with the number of prompts finished after each batch.
+    """
+    encoded = tokenizer.encode_batch(list(prompts), add_special_tokens=add_special_tokens)
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths, little padding
+    completions = [None] * len(encoded)
+    decoder = None
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        longest = len(encoded[batch[-1]])
+        decoder = make_decoder(model, len(batch), longest + max_new_tokens - 1, use_graph, previous=decoder)
+        ids = generate(model, [encoded[i] for i in batch], max_new_tokens, temperature=temperature, top_p=top_p,
+                       generator=generator, stop_ids=tokenizer.stop_ids, stop_strings=stop_strings,
+                       tokenizer=tokenizer, pad_id=tokenizer.pad_id, use_graph=use_graph, decoder=decoder)
+        for i, new in zip(batch, ids):
+            completions[i] = cut_at_stop_strings(tokenizer.decode(new), stop_strings)
+        if progress is not None:
+            progress(len(batch))
+    return completions

@@ -1,0 +1,172 @@
+"""minilora.generate vs transformers' generate on tiny random checkpoints of every family (fp32, CPU).
+
+References: `transformers` greedy `generate` one prompt at a time (no padding involved), its
+TopPLogitsWarper for the nucleus, and exact categorical probabilities for the sampler.
+"""
+import pytest
+import torch
+
+from minilora import load_model
+from minilora.generate import generate, generate_text, sample, top_p_filter
+from tiny import FAMILIES, make_checkpoint
+
+TEXTS = ["def add(a, b):", "x = [1", "SELECT * FROM users WHERE id = 1; for i in range(10):\n"]
+NEW = 12  # longer than the sliding windows (5, 6) of the tiny Gemma 2/3 and Phi-3 configs
+
+
+_PAIRS = {}
+
+
+def _pair(family, tmp_path_factory):
+    if family not in _PAIRS:
+        directory = tmp_path_factory.mktemp(family)
+        hf = make_checkpoint(family, directory, seed=10 + FAMILIES.index(family))
+        model, tokenizer = load_model(str(directory), dtype=torch.float32, device="cpu")
+        _PAIRS[family] = family, hf, model, tokenizer
+    return _PAIRS[family]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def pair(request, tmp_path_factory):
+    """Every family: used for the greedy parity test."""
+    return _pair(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module", params=["llama", "gemma2"])  # plain, and sliding window + soft-capping
+def some_pair(request, tmp_path_factory):
+    return _pair(request.param, tmp_path_factory)
+
+
+def hf_greedy(hf, prompt, new_tokens, stop_ids):
+    """transformers' greedy continuation of one prompt, cut before its first stop id."""
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                          eos_token_id=list(stop_ids))[0, len(prompt):].tolist()
+    return out[:next((i for i, t in enumerate(out) if t in stop_ids), len(out))]
+
+
+def test_ragged_batch_greedy_matches_transformers(pair):
+    family, hf, model, tok = pair
+    prompts = [tok.encode(t, add_special_tokens=True) for t in TEXTS]
+    assert len({len(p) for p in prompts}) == 3  # really ragged
+    expected = [hf_greedy(hf, p, NEW, tok.stop_ids) for p in prompts]
+    batched = generate(model, prompts, NEW, stop_ids=tok.stop_ids, pad_id=tok.pad_id)
+    one_by_one = [generate(model, [p], NEW, stop_ids=tok.stop_ids, pad_id=tok.pad_id)[0] for p in prompts]
+    assert batched == expected, family
+    assert one_by_one == expected, family
+
+
+def test_each_row_stops_at_its_own_stop_id(some_pair):
+    family, hf, model, tok = some_pair
+    prompts = [tok.encode(t, add_special_tokens=True) for t in TEXTS]
+    free = [hf_greedy(hf, p, NEW, [tok.eos_id]) for p in prompts]
+    stop_ids = [tok.eos_id, free[0][4]]  # a token row 0 emits mid-way; the other rows may or may not emit it
+    expected = [hf_greedy(hf, p, NEW, stop_ids) for p in prompts]
+    assert len(expected[0]) <= 4
+    assert generate(model, prompts, NEW, stop_ids=stop_ids, pad_id=tok.pad_id) == expected, family
+
+
+def test_stop_strings_cut_text_and_ids(some_pair):
+    family, hf, model, tok = some_pair
+    prompts = [tok.encode(t, add_special_tokens=True) for t in TEXTS]
+    free = [hf_greedy(hf, p, NEW, [tok.eos_id]) for p in prompts]
+    texts = [tok.decode(ids) for ids in free]
+    stop = texts[1][len(texts[1]) // 2:][:2]  # two characters from the middle of row 1's completion
+    assert stop
+    ids = generate(model, prompts, NEW, stop_ids=[tok.eos_id], stop_strings=[stop], tokenizer=tok,
+                   pad_id=tok.pad_id, check_every=3)
+    for row, text in enumerate(texts):
+        if stop in text:  # ids end with the token that completes the stop string
+            assert stop in tok.decode(ids[row]) and stop not in tok.decode(ids[row][:-1]), (family, row)
+            assert free[row][:len(ids[row])] == ids[row]
+        else:
+            assert ids[row] == free[row], (family, row)
+    completions = generate_text(model, tok, TEXTS, NEW, batch_size=2, stop_strings=[stop])
+    assert completions == [t[:t.find(stop)] if stop in t else t for t in texts], family
+
+
+def test_max_new_tokens_and_bad_arguments(some_pair):
+    _, _, model, tok = some_pair
+    prompts = [tok.encode(t, add_special_tokens=True) for t in TEXTS]
+    assert [len(ids) for ids in generate(model, prompts, 3, stop_ids=[], pad_id=tok.pad_id)] == [3, 3, 3]
+    with pytest.raises(ValueError, match="at least one token"):
+        generate(model, [prompts[0], []], 3)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate(model, prompts, 0)
+    with pytest.raises(ValueError, match="top_p"):
+        generate(model, prompts, 3, temperature=1.0, top_p=0.0)
+
+
+def test_top_p_filter_matches_transformers_warper():
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    logits = torch.randn(6, 50) * 3
+    for p in (0.05, 0.3, 0.9, 0.99):
+        expected = TopPLogitsWarper(top_p=p)(None, logits.clone())
+        got = top_p_filter(logits, p)
+        assert torch.equal(got.isinf(), expected.isinf()), p
+        assert torch.equal(got[~got.isinf()], logits[~got.isinf()])
+
+
+def test_sampler_draws_from_the_tempered_nucleus():
+    """20,000 draws at T=0.7, top-p 0.8: frequencies within 4 sigma of the exact probabilities."""
+    logits = torch.randn(1, 12) * 2
+    temperature, top_p, n = 0.7, 0.8, 20_000
+    probs = (logits / temperature).softmax(-1)[0]
+    order = probs.argsort(descending=True)
+    before = probs[order].cumsum(0) - probs[order]
+    keep = torch.zeros(12, dtype=torch.bool)
+    keep[order[before < top_p]] = True
+    exact = torch.where(keep, probs, 0.0) / probs[keep].sum()
+    gen = torch.Generator().manual_seed(1)
+    draws = sample(logits.expand(n, 12), temperature, top_p, gen)
+    freq = torch.bincount(draws, minlength=12).float() / n
+    sigma = (exact * (1 - exact) / n).sqrt()
+    assert torch.all((freq - exact).abs() <= 4 * sigma + 1e-9), (freq, exact)
+    assert torch.all(freq[~keep] == 0)
+
+
+def test_seeded_sampling_is_reproducible_and_tiny_top_p_is_greedy(some_pair):
+    family, _, model, tok = some_pair
+    prompts = [tok.encode(t, add_special_tokens=True) for t in TEXTS]
+
+    def sampled(seed, **kw):
+        return generate(model, prompts, NEW, temperature=1.0, generator=torch.Generator().manual_seed(seed),
+                        stop_ids=[], pad_id=tok.pad_id, **kw)
+
+    assert sampled(0) == sampled(0)
+    assert sampled(0) != sampled(1)
+    greedy = generate(model, prompts, NEW, stop_ids=[], pad_id=tok.pad_id)
+    assert sampled(2, top_p=1e-6) == greedy, family
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_cuda_graph_decode_matches_eager_and_transformers(family, device, tmp_path):
+    hf = make_checkpoint(family, tmp_path, seed=5).to(device)
+    model, tok = load_model(str(tmp_path), dtype=torch.float32, device=device)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    prompts = [tok.encode(t, add_special_tokens=True) for t in TEXTS]
+    graphed = generate(model, prompts, NEW, stop_ids=tok.stop_ids, pad_id=tok.pad_id, use_graph=True)
+    eager = generate(model, prompts, NEW, stop_ids=tok.stop_ids, pad_id=tok.pad_id, use_graph=False)
+    assert graphed == eager
+    with torch.no_grad():
+        expected = [hf.generate(torch.tensor([p], device=device), max_new_tokens=NEW, do_sample=False,
+                                pad_token_id=0, eos_token_id=tok.stop_ids)[0, len(p):].tolist() for p in prompts]
+    expected = [e[:next((i for i, t in enumerate(e) if t in tok.stop_ids), len(e))] for e in expected]
+    assert graphed == expected
+    # A second batch of the same shape reuses the captured graph: still right.
+    completions = generate_text(model, tok, TEXTS[::-1], NEW, batch_size=3)
+    assert completions == [tok.decode(e) for e in expected[::-1]]
+
+
+@pytest.mark.gpu
+def test_cuda_graph_decode_with_nf4_weights(device, tmp_path):
+    pytest.importorskip("minilora.nf4")
+    make_checkpoint("llama", tmp_path, seed=6)
+    model, tok = load_model(str(tmp_path), dtype=torch.bfloat16, device=device, quantize="nf4")
+    prompts = [tok.encode(t, add_special_tokens=True) for t in TEXTS]
+    graphed = generate(model, prompts, NEW, stop_ids=[], pad_id=tok.pad_id, use_graph=True)
+    eager = generate(model, prompts, NEW, stop_ids=[], pad_id=tok.pad_id, use_graph=False)
+    assert graphed == eager
+    assert all(len(ids) == NEW for ids in graphed)
