@@ -13,8 +13,12 @@ class ConfigError(MiniloraError, ValueError):
     """A config.json / training config value we cannot honour (unknown key value, bad type, range)."""
 
 
-class CheckpointError(MiniloraError):
-    """A checkpoint directory or weight file that is missing, malformed or does not match the model."""
+class WeightsError(MiniloraError, ValueError):
+    """Model weights (safetensors files, shard index) that are missing, malformed or do not match the model."""
+
+
+class CheckpointError(MiniloraError, RuntimeError):
+    """A training checkpoint (adapter, optimizer, state) that is incomplete, corrupt or cannot be written."""
 
 
 class TokenizerError(MiniloraError):

@@ -2,7 +2,7 @@
 
 - `model.safetensors`, or shards listed in `model.safetensors.index.json`.
 - Strict: every checkpoint tensor maps to a parameter, every parameter is filled once, shapes match,
-  dtypes are floating point; all problems are gathered into one `CheckpointError` naming file and key.
+  dtypes are floating point; all problems are gathered into one `WeightsError` naming file and key.
 - Pickle formats (`*.bin`, `*.pt`, `*.pth`) are refused: loading them can run arbitrary code.
 - Streaming: the model is built on the meta device and each tensor is read (plain reads, no mmap that
   would keep the file's pages resident), cast and moved on its own, so host memory peaks near one copy
@@ -18,14 +18,14 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
-from .errors import CheckpointError
+from .errors import WeightsError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def find_weight_files(directory):
-    """The safetensors files of a checkpoint directory, checked to exist, in index order."""
+    """(safetensors files of a checkpoint directory, checked to exist, in index order; the index's weight_map or None)."""
     index_path = os.path.join(directory, "model.safetensors.index.json")
     single = os.path.join(directory, "model.safetensors")
     if os.path.isfile(index_path):
@@ -35,28 +35,29 @@ def find_weight_files(directory):
             if not isinstance(weight_map, dict):
                 raise TypeError("weight_map is not an object")
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index_path}: malformed shard index ({e!r}); expected "
+            raise WeightsError(f"{index_path}: malformed shard index ({e!r}); expected "
                                   '{"weight_map": {"tensor name": "shard file", ...}}.') from None
         files = []
         for shard in weight_map.values():
-            if not isinstance(shard, str) or os.path.basename(shard) != shard:
-                raise CheckpointError(f"{index_path}: shard name {shard!r} is not a plain file name.")
+            if not isinstance(shard, str) or os.path.basename(shard) != shard or shard in ("", ".", ".."):
+                raise WeightsError(f"{index_path}: shard path {shard!r} escapes the checkpoint directory "
+                                   "(shard entries must be plain file names).")
             if shard not in files:
                 files.append(shard)
         missing = [s for s in files if not os.path.isfile(os.path.join(directory, s))]
         if missing:
-            raise CheckpointError(f"{index_path} lists shard(s) that are missing from {directory}: "
+            raise WeightsError(f"{index_path} lists shard(s) that are missing from {directory}: "
                                   f"{', '.join(missing)}. Download the complete checkpoint again.")
-        return [os.path.join(directory, s) for s in files]
+        return [os.path.join(directory, s) for s in files], weight_map
     if os.path.isfile(single):
-        return [single]
+        return [single], None
     pickles = sorted(f for f in os.listdir(directory) if f.endswith(PICKLE_SUFFIXES))
     if pickles:
-        raise CheckpointError(
+        raise WeightsError(
             f"{directory} holds only pickle weights ({', '.join(pickles)}). minilora does not load pickle files "
             "because loading them can run arbitrary code. Convert them once to safetensors, e.g. "
             "`AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(OUT, safe_serialization=True)`.")
-    raise CheckpointError(f"{directory} has no model.safetensors or model.safetensors.index.json.")
+    raise WeightsError(f"{directory} has no model.safetensors or model.safetensors.index.json.")
 
 
 def checkpoint_key_map(config: ModelConfig, model: nn.Module):
@@ -114,7 +115,7 @@ class SafetensorsFile:
             raise
 
     def _fail(self, what):
-        raise CheckpointError(f"{self.path}: {what}. The file is truncated or corrupt: download it again.")
+        raise WeightsError(f"{self.path}: {what}. The file is truncated or corrupt: download it again.")
 
     def _read_header(self, size):
         head = self._file.read(8)
@@ -130,7 +131,7 @@ class SafetensorsFile:
         if not isinstance(header, dict):
             self._fail("header is not a JSON object")
         header.pop("__metadata__", None)
-        self._data_start, self._entries = 8 + n, {}
+        self._data_start, self._entries, data_end = 8 + n, {}, 8 + n
         for key, entry in header.items():
             try:
                 dtype = SAFETENSORS_DTYPES[entry["dtype"]]
@@ -144,6 +145,9 @@ class SafetensorsFile:
             if self._data_start + end > size:
                 self._fail(f"tensor {key!r} ends at byte {self._data_start + end} but the file has {size} bytes")
             self._entries[key] = (dtype, shape, begin)
+            data_end = max(data_end, self._data_start + end)
+        if data_end != size:  # as safetensors itself: the tensors must cover the data region exactly
+            self._fail(f"the tensors end at byte {data_end} but the file has {size} bytes")
 
     def keys(self):
         return list(self._entries)
@@ -178,10 +182,15 @@ def load_weights(model: nn.Module, directory, dtype, device, place_linear=None):
     expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
     filled, problems = set(), []
     pending_rows = {}  # Phi-3 fused tensors are split and could arrive in any shard order
-    for path in find_weight_files(directory):
+    files, weight_map = find_weight_files(directory)
+    for path in files:
         fname = os.path.basename(path)
         with SafetensorsFile(path) as handle:
             for key in handle.keys():
+                if weight_map is not None and weight_map.get(key) != fname:
+                    problems.append(f"{fname}: tensor {key!r} is not listed for this shard in model.safetensors.index.json "
+                                    f"(index says {weight_map.get(key)!r})")
+                    continue
                 if key == "lm_head.weight" and config.tie_word_embeddings:
                     continue  # a tied model that also stores its head (vllm#6758): the embedding is used
                 if key not in key_map:
@@ -191,6 +200,10 @@ def load_weights(model: nn.Module, directory, dtype, device, place_linear=None):
                 if tensor.dtype not in FLOAT_DTYPES:
                     problems.append(f"{fname}: tensor {key!r} has dtype {tensor.dtype}, expected a float type "
                                     "(a pre-quantized 4-bit checkpoint needs load_model(..., quantize='nf4'))")
+                    continue
+                if not torch.isfinite(tensor).all():
+                    bad = (~torch.isfinite(tensor)).sum().item()
+                    problems.append(f"{fname}: tensor {key!r} has {bad} non-finite values (NaN/inf)")
                     continue
                 for name, rows in key_map[key]:
                     part = tensor if rows is None else tensor[rows]
@@ -211,7 +224,7 @@ def load_weights(model: nn.Module, directory, dtype, device, place_linear=None):
         shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
         problems.append(f"missing tensors (no file in {directory} has them): {shown}")
     if problems:
-        raise CheckpointError(f"checkpoint {directory} does not match the {config.model_type} model built from its "
+        raise WeightsError(f"checkpoint {directory} does not match the {config.model_type} model built from its "
                               "config.json:\n  - " + "\n  - ".join(problems))
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from minilora import load_model
-from minilora.errors import CheckpointError, ConfigError, HubError, TokenizerError
+from minilora.errors import ConfigError, HubError, TokenizerError, WeightsError
 from minilora.hub import resolve_model_dir
 from tiny import make_checkpoint
 
@@ -43,7 +43,7 @@ def test_truncated_file_names_the_file(llama_dir, tmp_path):
     bad = _copy(llama_dir, tmp_path / "bad")
     data = (bad / "model.safetensors").read_bytes()
     (bad / "model.safetensors").write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match=r"model\.safetensors.*(truncated|corrupt)"):
+    with pytest.raises(WeightsError, match=r"model\.safetensors.*(truncated|corrupt)"):
         load_model(str(bad))
 
 
@@ -55,7 +55,7 @@ def test_missing_shard_is_named(tmp_path):
     index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
     victim = sorted(set(index["weight_map"].values()))[1]
     os.remove(tmp_path / "sharded" / victim)
-    with pytest.raises(CheckpointError, match=victim):
+    with pytest.raises(WeightsError, match=victim):
         load_model(str(tmp_path / "sharded"))
 
 
@@ -66,7 +66,7 @@ def test_wrong_shape_and_extra_and_missing_keys_listed_together(llama_dir, tmp_p
     tensors["model.layers.0.self_attn.rotary.weight"] = torch.zeros(3)
     del tensors["model.layers.2.input_layernorm.weight"]
     save_file(tensors, str(bad / "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(CheckpointError) as err:
+    with pytest.raises(WeightsError) as err:
         load_model(str(bad))
     message = str(err.value)
     assert "model.layers.1.mlp.up_proj.weight" in message and "[95, 64]" in message and "[96, 64]" in message
@@ -98,7 +98,7 @@ def test_unknown_rope_scaling_is_an_error(llama_dir, tmp_path):
 def test_pickle_weights_are_refused(llama_dir, tmp_path):
     bad = _copy(llama_dir, tmp_path / "bad")
     os.rename(bad / "model.safetensors", bad / "pytorch_model.bin")
-    with pytest.raises(CheckpointError, match=r"pytorch_model\.bin.*safetensors"):
+    with pytest.raises(WeightsError, match=r"pytorch_model\.bin.*safetensors"):
         load_model(str(bad))
 
 
@@ -107,7 +107,7 @@ def test_integer_tensor_is_refused(llama_dir, tmp_path):
     tensors = load_file(str(bad / "model.safetensors"))
     tensors["model.norm.weight"] = torch.ones(64, dtype=torch.int32)
     save_file(tensors, str(bad / "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(CheckpointError, match=r"model\.norm\.weight.*int32"):
+    with pytest.raises(WeightsError, match=r"model\.norm\.weight.*int32"):
         load_model(str(bad))
 
 
@@ -172,3 +172,42 @@ def test_loading_streams_tensor_by_tensor(tmp_path):
     peak, size = int(out[0]), int(out[1])
     # one fp32 copy plus a few tensors in flight (the largest is 3 MiB) and allocator slack
     assert peak <= 1.25 * size, f"peak {peak / 2**20:.0f} MiB for a {size / 2**20:.0f} MiB model"
+
+
+def test_non_finite_weight_is_refused(llama_dir, tmp_path):
+    bad = _copy(llama_dir, tmp_path / "bad")
+    tensors = load_file(str(bad / "model.safetensors"))
+    tensors["model.layers.0.mlp.up_proj.weight"][0, :3] = float("nan")
+    save_file(tensors, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(WeightsError, match=r"model\.layers\.0\.mlp\.up_proj\.weight.*3 non-finite"):
+        load_model(str(bad))
+
+
+@pytest.mark.parametrize("shard", ["../../etc/passwd", "/etc/passwd"])
+def test_shard_path_outside_the_directory_is_refused(llama_dir, tmp_path, shard):
+    bad = _copy(llama_dir, tmp_path / "bad")
+    (bad / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"model.norm.weight": shard}}))
+    with pytest.raises(WeightsError, match="escapes the checkpoint directory"):
+        load_model(str(bad))
+
+
+def test_unknown_architecture_is_named(llama_dir, tmp_path):
+    bad = _copy(llama_dir, tmp_path / "bad")
+    config = json.loads((bad / "config.json").read_text())
+    config["architectures"] = ["MambaForCausalLM"]
+    (bad / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="MambaForCausalLM"):
+        load_model(str(bad))
+
+
+@pytest.mark.parametrize("damage", ["empty", "short", "huge_header", "not_json", "junk_appended"])
+def test_damaged_safetensors_headers(llama_dir, tmp_path, damage):
+    bad = _copy(llama_dir, tmp_path / "bad")
+    path = bad / "model.safetensors"
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    damaged = {"empty": b"", "short": data[:5], "huge_header": (2**40).to_bytes(8, "little") + data[8:],
+               "not_json": data[:8] + b"{" * n + data[8 + n:], "junk_appended": data + b"junk"}[damage]
+    path.write_bytes(damaged)
+    with pytest.raises(WeightsError, match=r"model\.safetensors"):
+        load_model(str(bad))
