@@ -15,6 +15,7 @@ from typing import Optional
 
 from .errors import ConfigError
 
+MAX_CONFIG_BYTES = 10 * 2**20  # a config.json is a few KB; bound what we parse
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "gemma", "gemma2", "gemma3_text", "phi3")
 
 
@@ -236,6 +237,11 @@ def config_from_dict(raw, source="config.json"):
     if raw.get("model_type") == "gemma3" and isinstance(raw.get("text_config"), dict):  # multimodal wrapper
         raw = {"model_type": "gemma3_text", **raw["text_config"]}
     model_type = raw.get("model_type")
+    known_architectures = {"LlamaForCausalLM", "Qwen2ForCausalLM", "GemmaForCausalLM", "Gemma2ForCausalLM",
+                           "Gemma3ForCausalLM", "Gemma3ForConditionalGeneration", "Phi3ForCausalLM"}
+    unknown = [a for a in raw.get("architectures") or [] if a not in known_architectures]
+    if unknown:
+        raise ConfigError(f"{source}: unsupported architecture {unknown[0]!r}; supported: {', '.join(sorted(known_architectures))}.")
     if model_type not in _BUILDERS:
         raise ConfigError(f"{source}: model_type {model_type!r} is not supported "
                           f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)}).")
@@ -250,9 +256,177 @@ def load_config(directory):
     path = os.path.join(directory, "config.json")
     if not os.path.isfile(path):
         raise ConfigError(f"{path} is missing: a model directory needs the Hugging Face config.json.")
+    if os.path.getsize(path) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: {os.path.getsize(path)} bytes is too large for a config.json "
+                          f"(limit {MAX_CONFIG_BYTES}).")
     try:
         with open(path, encoding="utf-8") as f:
             raw = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: not valid JSON ({e}).") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise ConfigError(f"{path}: not valid JSON ({type(e).__name__}: {e}).") from None
     return config_from_dict(raw, path)
+
+
+# ---------------------------------------------------------------------------------- TrainConfig
+# Every training default lives here once; train.py builds its command line from these fields
+# (`--lora-r 16`, `--no-gradient-checkpointing`) and an optional YAML file (`--config run.yaml`).
+# Defaults are the QLoRA paper's recipe (Dettmers et al. 2023, arXiv 2305.14314, §4 and Appendix B,
+# and its qlora.py): r=64, alpha=16, dropout 0.1, every linear layer of the blocks, lr 2e-4 constant,
+# max grad norm 0.3, effective batch 16, NF4 base with double quantization, gradient checkpointing.
+
+def _field(default, help, **meta):
+    return dataclasses.field(default=default, metadata={"help": help, **meta})
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    model: str = _field("llama3-3b", "short name (see minilora/hub.py), hub id, or local directory of the base model")
+    data: str = _field("sahil280114/codealpaca-20k", "CodeAlpaca JSON/JSONL file, or a hub dataset id")
+    out: str = _field("runs/qlora", "output directory: adapter/, checkpoints/, metrics.jsonl, loss.png, train_config.json")
+    quantize: str = _field("nf4", "base weights: 'nf4' (QLoRA) or 'none' (float base, plain LoRA)", choices=("nf4", "none"))
+    backend: str = _field("auto", "4-bit matmul backend", choices=("auto", "torch", "triton", "bnb"))
+    device: str = _field("auto", "'auto' (cuda if present, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
+    dtype: str = _field("auto", "compute dtype: 'auto' = bfloat16 autocast on GPU, float32 on CPU",
+                        choices=("auto", "bfloat16", "float32"))
+    # LoRA (QLoRA paper: r=64, alpha=16, dropout 0.1 for models up to 13B, all linear layers)
+    lora_r: int = _field(64, "LoRA rank r")
+    lora_alpha: float = _field(16.0, "LoRA alpha; scaling = alpha / r (alpha / sqrt(r) with --use-rslora)")
+    lora_dropout: float = _field(0.1, "dropout on the LoRA input")
+    lora_targets: tuple = _field(("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+                                 "linear layers that get an adapter (HF names)")
+    use_rslora: bool = _field(False, "rank-stabilised scaling alpha / sqrt(r)")
+    # optimisation (QLoRA: constant lr 2e-4, max grad norm 0.3, batch 16, no weight decay, Adam beta2 0.999)
+    optimizer: str = _field("adamw", "adamw (torch), or bitsandbytes adamw8bit / paged_adamw8bit / paged_adamw32bit "
+                            "(the paper's qlora.py used paged_adamw32bit)",
+                            choices=("adamw", "adamw8bit", "paged_adamw8bit", "paged_adamw32bit"))
+    learning_rate: float = _field(2e-4, "peak learning rate")
+    lr_schedule: str = _field("constant", "after warmup", choices=("constant", "cosine", "linear"))
+    warmup_steps: int = _field(0, "linear warmup from 0 over this many optimizer steps")
+    weight_decay: float = _field(0.0, "AdamW weight decay")
+    adam_beta1: float = _field(0.9, "AdamW beta1")
+    adam_beta2: float = _field(0.999, "AdamW beta2")
+    adam_eps: float = _field(1e-8, "AdamW epsilon")
+    max_grad_norm: float = _field(0.3, "clip the global gradient norm to this (0 = no clipping)")
+    micro_batch_size: int = _field(4, "rows per forward/backward")
+    grad_accum_steps: int = _field(4, "micro-batches per optimizer step (effective batch = micro_batch_size * this)")
+    epochs: int = _field(1, "passes over the training split (ignored when --max-steps is set)")
+    max_steps: Optional[int] = _field(None, "stop after this many optimizer steps")
+    gradient_checkpointing: bool = _field(True, "recompute each block in the backward pass to save memory")
+    seed: int = _field(0, "seed for LoRA init, dropout and the batch order")
+    # data
+    max_seq_len: int = _field(512, "longest example in tokens (longer ones are truncated or dropped)")
+    overlong: str = _field("truncate", "what to do with over-long rows", choices=("truncate", "drop"))
+    pack: bool = _field(False, "pack several examples per row (no attention across them)")
+    test_fraction: float = _field(0.05, "held-out fraction of the records (never trained on; eval loss uses it)")
+    split_seed: int = _field(0, "seed of the train/test split")
+    skip_bad_rows: bool = _field(False, "drop malformed dataset rows instead of failing")
+    # evaluation, logging, checkpoints
+    eval_every: int = _field(100, "eval loss every this many steps (0 = only at the end)")
+    eval_examples: int = _field(200, "held-out examples used for the eval loss")
+    save_every: int = _field(100, "write a resumable checkpoint every this many steps (0 = only at the end)")
+    keep_last: int = _field(2, "complete checkpoints kept on disk")
+    resume: bool = _field(False, "continue from the latest complete checkpoint in OUT/checkpoints")
+    resume_allow_data_change: bool = _field(False, "resume even if the tokenized training data changed")
+    max_nonfinite_steps: int = _field(3, "stop with NonFiniteError after this many non-finite steps in a row")
+    progress: bool = _field(True, "show a tqdm progress bar")
+
+    def validate(self):
+        """ConfigError naming the flag for values that cannot work; returns self."""
+        def need(ok, flag, expected):
+            if not ok:
+                value = getattr(self, flag)
+                raise ConfigError(f"--{flag.replace('_', '-')}={value!r}: expected {expected}.")
+        for name in ("lora_r", "micro_batch_size", "grad_accum_steps", "epochs", "keep_last", "max_nonfinite_steps"):
+            need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "an integer >= 1")
+        for name in ("warmup_steps", "eval_every", "save_every", "eval_examples"):
+            need(isinstance(getattr(self, name), int) and getattr(self, name) >= 0, name, "an integer >= 0")
+        need(self.max_steps is None or (isinstance(self.max_steps, int) and self.max_steps >= 1), "max_steps", "an integer >= 1")
+        need(self.max_seq_len >= 2, "max_seq_len", "at least 2 tokens")
+        need(self.lora_alpha > 0, "lora_alpha", "a positive number")
+        need(0 <= self.lora_dropout < 1, "lora_dropout", "0 <= dropout < 1")
+        need(self.learning_rate > 0 and math.isfinite(self.learning_rate), "learning_rate", "a positive number")
+        need(self.max_grad_norm >= 0, "max_grad_norm", "a number >= 0")
+        need(0 <= self.test_fraction < 1, "test_fraction", "0 <= fraction < 1")
+        need(len(self.lora_targets) > 0, "lora_targets", "at least one layer name")
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            need(choices is None or getattr(self, f.name) in choices, f.name, f"one of {choices}")
+        return self
+
+    def to_dict(self):
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in dataclasses.fields(self)}
+
+
+def _cli_type(field):
+    """The argparse type of a dataclass field, from its default (or Optional[int])."""
+    if field.type in (Optional[int], "Optional[int]"):
+        return int
+    return type(field.default)
+
+
+def build_parser(cls=TrainConfig, description=None):
+    """An argparse parser with one `--flag` per field of `cls`; defaults are SUPPRESSed so that
+    `parse_config` can tell a flag typed on the command line from the dataclass default."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", help="YAML file of field: value pairs; flags typed here override it")
+    for f in dataclasses.fields(cls):
+        flag, kind = "--" + f.name.replace("_", "-"), _cli_type(f)
+        help_text = f"{f.metadata.get('help', '')} (default: {f.default!r})"
+        if kind is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, help=help_text)
+        elif kind is tuple:
+            parser.add_argument(flag, dest=f.name, nargs="+", help=help_text)
+        else:
+            parser.add_argument(flag, dest=f.name, type=kind, choices=f.metadata.get("choices"), help=help_text)
+    return parser
+
+
+def parse_config(argv=None, cls=TrainConfig, description=None):
+    """defaults <- YAML file (--config) <- flags typed on the command line; validated."""
+    args = vars(build_parser(cls, description).parse_args(argv))
+    values = {}
+    path = args.pop("config", None)
+    if path is not None:
+        values.update(load_yaml_config(path, cls))
+    values.update(args)
+    return config_from_values(values, cls, source=path or "command line")
+
+
+def load_yaml_config(path, cls=TrainConfig):
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise ConfigError(f"--config {path}: cannot be read ({e.strerror}).") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--config {path}: not valid YAML ({e}).") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of field: value, found {type(raw).__name__}.")
+    return {k.replace("-", "_"): v for k, v in raw.items()}
+
+
+def config_from_values(values, cls=TrainConfig, source="config"):
+    """A validated `cls` from a dict of field values (YAML/JSON types checked against the defaults)."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ConfigError(f"{source}: unknown setting(s) {unknown}; known: {sorted(fields)}.")
+    clean = {}
+    for name, value in values.items():
+        kind = _cli_type(fields[name])
+        if value is None and fields[name].default is None:
+            clean[name] = None
+        elif kind is tuple and isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            clean[name] = tuple(value)
+        elif kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            clean[name] = float(value)
+        elif isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+            clean[name] = value
+        else:
+            raise ConfigError(f"{source}: {name}={value!r} has type {type(value).__name__}, expected {kind.__name__}.")
+    return cls(**clean).validate()
