@@ -113,6 +113,7 @@ def _row_problem(row):
 
 def read_records(source):
     """(records, problems): the good records of a file or hub dataset and "where: why" for each bad row."""
+    source = os.fspath(source)
     path = source if os.path.exists(source) else _download(source)
     rows, problems = read_json_rows(path)
     problems = [f"{where}: {why}" for where, why in problems]

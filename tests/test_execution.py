@@ -167,3 +167,25 @@ def test_processes_and_signals_are_refused():
     result = run("    import os, signal\n    os.kill(os.getpid(), signal.SIGTERM)\n")
     assert result.status == "crashed" and "os.kill is not allowed" in result.stderr_tail
     assert "os.fork is not allowed" in run("    import os\n    os.fork()\n").stderr_tail
+
+
+def test_drops_root_to_nobody(tmp_path, monkeypatch):
+    """As root, with an interpreter that `nobody` can run, the sample runs as nobody: even a write through
+    ctypes (which the audit hook cannot see) into a root-owned directory fails."""
+    system_python = "/usr/bin/python3"
+    if os.geteuid() != 0 or not os.access(system_python, os.X_OK):
+        pytest.skip("needs root and a system python3")
+    monkeypatch.setattr(ex.sys, "executable", system_python)
+    ex._probe.cache_clear()
+    try:
+        if ex.sandbox_report()["user"] != "nobody":
+            pytest.skip("nobody cannot run the system python3 here")
+        os.chmod(tmp_path, 0o755)
+        target = tmp_path / "via_ctypes"
+        body = (f"    import ctypes, os\n    fd = ctypes.CDLL(None).open({str(target).encode()!r}, os.O_WRONLY | os.O_CREAT, 0o644)\n"
+                "    print(os.getuid(), fd)\n    return a + b\n")
+        result = run(body)
+        assert result.status == "passed" and set(result.stdout_tail.split("\n")) == {"65534 -1"}, result  # add() runs twice
+        assert not target.exists()
+    finally:
+        ex._probe.cache_clear()
