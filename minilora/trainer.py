@@ -1,0 +1,409 @@
+"""The training loop: QLoRA / LoRA fine-tuning of a causal LM on CodeAlpaca, in plain PyTorch.
+
+`train(config)` reads top to bottom: load and split the data (fails before the model loads), load the
+base model (NF4 or float), add LoRA, build AdamW, resume if asked, then for each optimizer step:
+
+  1. take `grad_accum_steps` micro-batches of the epoch's fixed batch order (data.BatchOrder);
+  2. loss = (sum of token losses over ALL micro-batches) / (answer tokens in ALL micro-batches), so every
+     answer token weighs the same whatever micro-batch it lands in (torchtune's token normalisation;
+     dividing each micro-batch by its own count would over-weight short answers);
+  3. clip the global gradient norm; if the loss or the norm is NaN/inf, skip the update (no optimizer or
+     schedule step) and stop with NonFiniteError after `max_nonfinite_steps` such steps in a row;
+  4. AdamW step, learning rate = warmup then constant / cosine / linear decay;
+  5. log a JSONL line, eval loss every `eval_every` steps, an atomic checkpoint every `save_every`.
+
+At the end: OUT/adapter/ (PEFT files), metrics.jsonl, loss.png, train_config.json, manifest.json.
+Precision: bf16 autocast on GPU with LoRA weights and optimizer state in fp32 (QLoRA's setup); fp32 on CPU.
+Resume is exact (tests/test_train.py): the data cursor, optimizer, RNG states and step are restored.
+"""
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .errors import ConfigError, NonFiniteError, ResumeError
+from .lora import apply_lora, check_finite, lora_parameters, save_adapter
+
+log = logging.getLogger(__name__)
+
+# Settings a resumed run must share with its checkpoint (they change the model, the data order or what a
+# step means). Others (learning rate, max_steps, eval/save cadence) may change, with a warning.
+RESUME_MUST_MATCH = ("model", "data", "quantize", "dtype", "lora_r", "lora_alpha", "lora_dropout", "lora_targets",
+                     "use_rslora", "optimizer", "micro_batch_size", "grad_accum_steps", "seed", "max_seq_len",
+                     "overlong", "pack", "test_fraction", "split_seed", "skip_bad_rows")
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Where the run is: everything besides tensors that a checkpoint must restore."""
+    step: int = 0  # optimizer steps attempted (skipped non-finite ones included)
+    updates: int = 0  # optimizer steps taken: the learning-rate schedule's clock
+    epoch: int = 0
+    batch_in_epoch: int = 0  # micro-batches of `epoch` already consumed
+    nonfinite_in_a_row: int = 0
+    tokens_seen: int = 0  # answer tokens trained on
+
+
+# ------------------------------------------------------------------------------------------- pieces
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def resolve_device_and_dtype(config):
+    device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if config.device == "auto" else config.device)
+    if config.dtype == "auto":
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    else:
+        dtype = getattr(torch, config.dtype)
+    if dtype == torch.bfloat16 and device.type == "cpu":
+        raise ConfigError("--dtype bfloat16 on CPU: bf16 autocast is for GPUs; use --dtype float32 (or auto).")
+    return device, dtype
+
+
+def learning_rate_at(config, update, total_updates):
+    """Linear warmup from 0 over `warmup_steps`, then constant / cosine to 0 / linear to 0 (HF schedules)."""
+    peak, warmup = config.learning_rate, config.warmup_steps
+    if update < warmup:
+        return peak * (update + 1) / (warmup + 1)
+    if config.lr_schedule == "constant":
+        return peak
+    progress = min(1.0, (update - warmup) / max(1, total_updates - warmup))
+    if config.lr_schedule == "cosine":
+        return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return peak * (1.0 - progress)
+
+
+def build_optimizer(config, params):
+    kwargs = dict(lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps,
+                  weight_decay=config.weight_decay)
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, **kwargs)
+    try:
+        import bitsandbytes as bnb  # only for the 8-bit / paged optimizers
+    except ImportError as e:
+        raise ConfigError(f"--optimizer {config.optimizer} needs bitsandbytes ({e}); pip install bitsandbytes, "
+                          "or use --optimizer adamw.") from None
+    cls = {"adamw8bit": bnb.optim.AdamW8bit, "paged_adamw8bit": bnb.optim.PagedAdamW8bit,
+           "paged_adamw32bit": bnb.optim.PagedAdamW32bit}[config.optimizer]
+    return cls(params, **kwargs)
+
+
+def token_loss_sum(model, batch, packed):
+    """(sum of cross-entropy over answer tokens, number of answer tokens) for one micro-batch.
+
+    labels are already shifted (data.py): labels[t] is the target of position t. Unpacked right-padded
+    rows need no positions/segments: causal order already hides the padding on the right, and leaving
+    them out keeps SDPA's fast causal path. Packed rows pass both so examples do not see each other.
+    """
+    if packed:
+        hidden = model.hidden_states(batch["input_ids"], batch["positions"], batch["segments"])
+    else:
+        hidden = model.hidden_states(batch["input_ids"])
+    labels = batch["labels"]
+    logits = model.logits(hidden)  # (B, T, V) fp32; kernels/cross_entropy.py can fuse this with the loss
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum")
+    return loss, int((labels != -100).sum())
+
+
+def _autocast(device, dtype):
+    if device.type == "cuda" and dtype != torch.float32:
+        return torch.autocast("cuda", dtype=dtype)
+    return contextlib.nullcontext()
+
+
+def _to(batch, device):
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate_loss(model, examples, config, pad_id, device, dtype):
+    """Token-weighted mean loss over `examples` (eval mode: dropout off), or None without examples."""
+    from .data import collate_padded
+
+    if not examples:
+        return None
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(examples), config.micro_batch_size):
+        batch = _to(collate_padded(examples[i:i + config.micro_batch_size], pad_id), device)
+        with _autocast(device, dtype):
+            loss, n = token_loss_sum(model, batch, packed=False)
+        total, count = total + loss.item(), count + n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def memory_gb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB -> GiB (peak RSS)
+
+
+class MetricsLog:
+    """Append-only JSONL, one object per line. On resume, lines after the checkpoint's step are dropped
+    (the killed run logged them; the resumed run logs them again)."""
+
+    def __init__(self, path, keep_up_to_step=None):
+        self.path = path
+        if keep_up_to_step is None:
+            open(path, "w").close()
+        elif os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                lines = [line for line in f if line.strip() and json.loads(line)["step"] <= keep_up_to_step]
+            with open(path, "w", encoding="utf-8") as f:
+                f.writelines(lines)
+
+    def write(self, record):
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_losses(metrics_path, png_path):
+    """Training loss per step (and eval loss where measured) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(metrics_path)
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r and r["loss"] is not None and math.isfinite(r["loss"])]
+    evals = [(r["step"], r["eval_loss"]) for r in records if r.get("eval_loss") is not None]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss", linewidth=1)
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy per answer token")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+
+
+def file_sha256s(directory):
+    """sha256 of the base model's config and weight files: a resumed run must train the same base."""
+    out = {}
+    for name in sorted(os.listdir(directory)):
+        if name == "config.json" or name.endswith(".safetensors"):
+            h = hashlib.sha256()
+            with open(os.path.join(directory, name), "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 22), b""):
+                    h.update(chunk)
+            out[name] = h.hexdigest()
+    return out
+
+
+def _check_resume(config, state, manifest_base, base_hashes, data_fingerprint):
+    old = state["config"]
+    changed = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in config.to_dict().items()
+               if k in RESUME_MUST_MATCH and old.get(k) != v]
+    if changed:
+        raise ResumeError("cannot resume: these settings differ from the checkpoint's run: " + "; ".join(changed) +
+                          ". Use the original values, or start a new run in another --out directory.")
+    soft = [k for k, v in config.to_dict().items() if k not in RESUME_MUST_MATCH and k != "resume" and old.get(k) != v]
+    if soft:
+        log.warning("resuming with changed settings: %s", ", ".join(f"{k}={config.to_dict()[k]!r}" for k in soft))
+    if manifest_base is not None and manifest_base != base_hashes:
+        diff = sorted(k for k in set(manifest_base) | set(base_hashes) if manifest_base.get(k) != base_hashes.get(k))
+        raise ResumeError(f"cannot resume: base weights changed since the run started ({', '.join(diff)} sha256 differ).")
+    if state["data_fingerprint"] != data_fingerprint and not config.resume_allow_data_change:
+        raise ResumeError("cannot resume: the tokenized training data changed (dataset fingerprint "
+                          f"{state['data_fingerprint'][:12]} -> {data_fingerprint[:12]}). Pass "
+                          "--resume-allow-data-change to continue anyway (the batch order will differ).")
+
+
+# --------------------------------------------------------------------------------------------- train
+
+def train(config: TrainConfig):
+    """Run one training job as `config` says; returns a summary dict. See the module docstring."""
+    from .data import BatchOrder, fingerprint, load_records, split_records, tokenize_example, tokenize_records
+    from .hub import resolve_model_dir
+    from .loading import load_model
+
+    config.validate()
+    out = os.path.abspath(config.out)
+    device, dtype = resolve_device_and_dtype(config)
+    # 1. data first: a bad dataset fails before minutes of model loading
+    records = load_records(config.data, skip_bad_rows=config.skip_bad_rows)
+    train_records, test_records = split_records(records, test_fraction=config.test_fraction, seed=config.split_seed)
+    base_dir = os.path.abspath(resolve_model_dir(config.model))
+    if out == base_dir or out.startswith(base_dir + os.sep):
+        raise ConfigError(f"--out {config.out} is inside the base model directory {base_dir}; choose another "
+                          "directory so the base model is never overwritten.")
+    os.makedirs(out, exist_ok=True)
+
+    # 2. model, tokenizer, LoRA
+    seed_everything(config.seed)
+    model, tok = load_model(base_dir, dtype=dtype, device=device,
+                            quantize=None if config.quantize == "none" else config.quantize, backend=config.backend)
+    train_examples, stats = tokenize_records(train_records, tok, config.max_seq_len, config.overlong)
+    test_examples = [ex for r in test_records if (ex := tokenize_example(r, tok, config.max_seq_len, config.overlong))]
+    test_examples = test_examples[: config.eval_examples]  # the eval loss only; evaluate.py scores generations
+    log.info("data: %d train / %d test records; train tokenization: %s", len(train_records), len(test_records), stats)
+    apply_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets, config.use_rslora)
+    model.gradient_checkpointing = config.gradient_checkpointing
+    params = list(lora_parameters(model).values())
+    optimizer = build_optimizer(config, params)
+    log.info("LoRA: %d trainable parameters (%.3f%% of %d)", sum(p.numel() for p in params),
+             100 * sum(p.numel() for p in params) / sum(p.numel() for p in model.parameters()),
+             sum(p.numel() for p in model.parameters()))
+
+    order = BatchOrder(train_examples, config.micro_batch_size, config.max_seq_len, tok.pad_id, seed=config.seed,
+                       pack=config.pack)
+    accum = config.grad_accum_steps
+    total_steps = config.max_steps or sum(math.ceil(order.num_batches(e) / accum) for e in range(config.epochs))
+    data_fingerprint = fingerprint(train_examples)
+    base_hashes = file_sha256s(base_dir)
+
+    # 3. resume, or start fresh
+    state = TrainState()
+    ckpt_root = os.path.join(out, "checkpoints")
+    manifest_path = os.path.join(out, "manifest.json")
+    if config.resume:
+        path = latest_checkpoint(ckpt_root)
+        if path is None:
+            raise ResumeError(f"--resume: no complete checkpoint in {ckpt_root}. Start without --resume.")
+        saved = load_checkpoint(path, model, optimizer)  # also restores every RNG
+        manifest_base = json.load(open(manifest_path)).get("base_sha256") if os.path.exists(manifest_path) else None
+        _check_resume(config, saved, manifest_base, base_hashes, data_fingerprint)
+        state = TrainState(**saved["train_state"])
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", path, state.step, state.epoch, state.batch_in_epoch)
+    else:
+        with open(manifest_path, "w") as f:
+            json.dump({"config": config.to_dict(), "base_dir": base_dir, "base_sha256": base_hashes,
+                       "data_fingerprint": data_fingerprint, "versions": _versions()}, f, indent=1)
+    with open(os.path.join(out, "train_config.json"), "w") as f:
+        json.dump(config.to_dict(), f, indent=1)
+    metrics = MetricsLog(os.path.join(out, "metrics.jsonl"), keep_up_to_step=state.step if config.resume else None)
+
+    def checkpoint():
+        save_checkpoint(ckpt_root, state.step, model, optimizer,
+                        {"train_state": dataclasses.asdict(state), "config": config.to_dict(),
+                         "data_fingerprint": data_fingerprint, "base_model": config.model}, config.keep_last)
+
+    # 4. the loop
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total_steps, initial=state.step, disable=not config.progress, dynamic_ncols=True)
+    model.train()
+    batches = order.batches(state.epoch, state.batch_in_epoch)
+    last_loss = None
+    while state.step < total_steps:
+        # gather this step's micro-batches; a step never spans two epochs
+        micro = []
+        while len(micro) < accum:
+            batch = next(batches, None)
+            if batch is None:
+                if micro:
+                    break
+                if config.max_steps is None and state.epoch + 1 >= config.epochs:
+                    break
+                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+                batches = order.batches(state.epoch)
+                continue
+            micro.append(batch)
+            state.batch_in_epoch += 1
+        if not micro:
+            break
+        t0 = time.perf_counter()
+        n_tokens = sum(int((b["labels"] != -100).sum()) for b in micro)
+        lr = learning_rate_at(config, state.updates, total_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = 0.0
+        for batch in micro:
+            batch = _to(batch, device)
+            with _autocast(device, dtype):
+                loss, _ = token_loss_sum(model, batch, config.pack)
+            (loss / n_tokens).backward()  # d(total / n_tokens): every answer token of the step weighs the same
+            loss_sum += loss.item()
+        step_loss = loss_sum / n_tokens
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or float("inf")).item()
+        state.step += 1
+        if math.isfinite(step_loss) and math.isfinite(grad_norm):
+            optimizer.step()
+            state.updates += 1
+            state.nonfinite_in_a_row = 0
+            state.tokens_seen += n_tokens
+            skipped = False
+        else:
+            state.nonfinite_in_a_row += 1
+            skipped = True
+            log.warning("step %d: non-finite loss %s / grad norm %s; update skipped (%d in a row)",
+                        state.step, step_loss, grad_norm, state.nonfinite_in_a_row)
+        optimizer.zero_grad(set_to_none=True)
+        seconds = time.perf_counter() - t0
+        input_tokens = sum(int((b["segments"] != 0).sum()) for b in micro)  # segment 0 = padding
+        record = {"step": state.step, "epoch": state.epoch, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
+                  "answer_tokens": n_tokens, "tokens_per_s": input_tokens / seconds, "seconds": seconds,
+                  "memory_gb": memory_gb(device), "skipped": skipped}
+        if state.nonfinite_in_a_row >= config.max_nonfinite_steps:
+            metrics.write(record)
+            raise NonFiniteError(f"{state.nonfinite_in_a_row} optimizer steps in a row had a non-finite loss or "
+                                 f"gradient (last: step {state.step}, loss {step_loss}, grad norm {grad_norm}). "
+                                 f"The last complete checkpoint in {ckpt_root} holds finite weights; resume it "
+                                 "with a lower --learning-rate.")
+        if config.eval_every and state.step % config.eval_every == 0 and state.step < total_steps:
+            record["eval_loss"] = evaluate_loss(model, test_examples, config, tok.pad_id, device, dtype)
+        metrics.write(record)
+        last_loss = step_loss if not skipped else last_loss
+        bar.update(1)
+        bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}",
+                        mem=f"{record['memory_gb']:.1f}G")
+        if config.save_every and state.step % config.save_every == 0 and state.step < total_steps:
+            checkpoint()
+    bar.close()
+
+    # 5. the end: final eval, checkpoint, adapter, plot
+    eval_loss = evaluate_loss(model, test_examples, config, tok.pad_id, device, dtype)
+    metrics.write({"step": state.step, "eval_loss": eval_loss})
+    check_finite(lora_parameters(model), "the final adapter")
+    checkpoint()
+    adapter_dir = os.path.join(out, "adapter")
+    save_adapter(model, adapter_dir, base_model_name_or_path=config.model)
+    tok.save(adapter_dir)  # the tokenizer travels with the adapter, as peft users expect
+    plot_losses(os.path.join(out, "metrics.jsonl"), os.path.join(out, "loss.png"))
+    summary = {"steps": state.step, "updates": state.updates, "train_loss": last_loss, "eval_loss": eval_loss,
+               "tokens_seen": state.tokens_seen, "adapter": adapter_dir}
+    log.info("done: %s", summary)
+    return summary
+
+
+def _versions():
+    import platform
+
+    from . import __version__
+
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "minilora": __version__}
+    try:
+        import triton
+
+        versions["triton"] = triton.__version__
+    except ImportError:
+        pass
+    return versions
