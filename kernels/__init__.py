@@ -1,0 +1,20 @@
+"""minilora's Triton kernels, one file per kernel family, each beside its torch reference.
+
+- nf4_dequant.py: NF4 (double-quant aware) -> fp16/bf16/fp32 weight; reference `minilora.nf4.dequantize_nf4`.
+- nf4_matmul.py:  x @ W^T with W in NF4 (fused small-M kernel, dequant + cuBLAS for large M) and g @ W.
+- backend.py:     the one setting that picks who runs the 4-bit work: "torch", "triton" or "bnb".
+
+PyPI has an unrelated package named `kernels`; code importing ours checks `MINILORA_KERNELS`
+(see `require_minilora_kernels`) so that a shadowing install fails loudly instead of importing the wrong thing.
+"""
+
+MINILORA_KERNELS = True
+
+
+def require_minilora_kernels(module) -> None:
+    """Raise a clear ImportError if `module` (the imported `kernels` package) is not minilora's."""
+    if not getattr(module, "MINILORA_KERNELS", False):
+        raise ImportError(
+            f"'kernels' resolved to {getattr(module, '__file__', module)!r}, which is not minilora's kernels "
+            "package (PyPI has an unrelated package of that name). Run from the minilora checkout or "
+            "`pip uninstall kernels`, then `pip install -e .` in the minilora repo.")

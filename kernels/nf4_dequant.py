@@ -1,0 +1,110 @@
+"""Triton NF4 dequantization: packed 4-bit weight (+ double-quantized absmax) -> fp16/bf16/fp32.
+
+Formula (identical to the torch reference `minilora.nf4.dequantize_nf4`, bit for bit):
+    absmax[b] = nested_code[qabsmax[b]] * nested_absmax[b // 256] + offset   (double quant), or absmax[b]
+    w[i]      = (code[q[i]] * absmax[i // 64]).to(dtype)                      all in fp32, one cast
+Layout: `packed` holds element 2j in the high nibble and 2j+1 in the low nibble of byte j, over the
+row-major flattened weight; 64 elements (32 bytes) share one absmax.
+Each program reads BLOCK_BYTES bytes and writes 2 * BLOCK_BYTES outputs, the two nibbles interleaved
+back into element order (`tl.interleave`) so the store is contiguous.
+No fused multiply-add (`enable_fp_fusion=False`): bitsandbytes rounds the multiply and the add
+separately, and so does the reference, so the results are equal, not just close.
+Test: tests/test_nf4_kernels.py. Benchmark: benchmarks/kernels.py.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from minilora.nf4 import MAX_NUMEL, NF4State
+
+# Tuned on an H100 80GB (bitsandbytes 3072x8192 weight); 4 warps x 1024 bytes keeps 16 bytes in flight per thread.
+BLOCK_BYTES = 1024
+NUM_WARPS = 4
+
+
+@triton.jit
+def _dequantize_nf4_kernel(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, code_ptr,
+                           out_ptr, numel, NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
+                           BLOCK_BYTES: tl.constexpr):
+    pid = tl.program_id(0)
+    byte = pid * BLOCK_BYTES + tl.arange(0, BLOCK_BYTES)
+    in_range = byte < (numel + 1) // 2
+    q = tl.load(packed_ptr + byte, mask=in_range, other=0).to(tl.int32)
+    block = byte // 32  # 64 elements = 32 bytes per absmax
+    if NESTED:
+        qabs = tl.load(absmax_ptr + block, mask=in_range, other=0).to(tl.int32)
+        nested = tl.load(nested_absmax_ptr + block // NESTED_BLOCKSIZE, mask=in_range, other=0.0)
+        scale = tl.load(nested_code_ptr + qabs) * nested + tl.load(offset_ptr)
+    else:
+        scale = tl.load(absmax_ptr + block, mask=in_range, other=0.0)
+    high = tl.load(code_ptr + (q >> 4)) * scale
+    low = tl.load(code_ptr + (q & 15)) * scale
+    values = tl.interleave(high, low)  # (2 * BLOCK_BYTES,) in element order
+    index = pid * 2 * BLOCK_BYTES + tl.arange(0, 2 * BLOCK_BYTES)
+    tl.store(out_ptr + index, values.to(out_ptr.dtype.element_ty), mask=index < numel)
+
+
+def check_state(state: NF4State, device: torch.device, who: str) -> None:
+    """Raise ValueError (with the numbers) unless `state` is a well-formed NF4 weight on `device`."""
+    numel = state.numel
+    blocks = -(-numel // state.blocksize)
+    tensors = {"packed": state.packed, "absmax": state.absmax, "code": state.code}
+    if state.nested:
+        tensors.update(nested_absmax=state.nested_absmax, nested_code=state.nested_code, offset=state.offset)
+    for name, t in tensors.items():
+        if t.device != device:
+            raise ValueError(f"{who}: {name} is on {t.device}, expected {device}")
+        if not t.is_contiguous():
+            raise ValueError(f"{who}: {name} is not contiguous (strides {t.stride()})")
+    if numel > MAX_NUMEL:
+        raise ValueError(f"{who}: weight has {numel} elements; the kernels index with int32 (max {MAX_NUMEL})")
+    if state.blocksize != 64:
+        raise ValueError(f"{who}: blocksize {state.blocksize}; the kernels support 64")
+    if state.packed.dtype != torch.uint8 or state.packed.numel() != (numel + 1) // 2:
+        raise ValueError(f"{who}: packed is {state.packed.dtype} with {state.packed.numel()} bytes; expected uint8 "
+                         f"with {(numel + 1) // 2} bytes for shape {list(state.shape)}")
+    if state.absmax.numel() != blocks:
+        raise ValueError(f"{who}: absmax has {state.absmax.numel()} values; expected ceil({numel} / 64) = {blocks}")
+    if state.code.numel() != 16 or state.code.dtype != torch.float32:
+        raise ValueError(f"{who}: code is {state.code.dtype} with {state.code.numel()} values; expected 16 float32")
+    expected_absmax_dtype = torch.uint8 if state.nested else torch.float32
+    if state.absmax.dtype != expected_absmax_dtype:
+        raise ValueError(f"{who}: absmax dtype {state.absmax.dtype}; expected {expected_absmax_dtype}")
+    if state.nested:
+        groups = -(-blocks // state.nested_blocksize)
+        if state.nested_absmax.numel() != groups or state.nested_code.numel() != 256:
+            raise ValueError(f"{who}: nested_absmax has {state.nested_absmax.numel()} values (expected {groups}), "
+                             f"nested_code {state.nested_code.numel()} (expected 256)")
+
+
+def nested_args(state: NF4State):
+    """Kernel pointer arguments for the absmax; unused ones point at `absmax` (never read)."""
+    if state.nested:
+        return state.absmax, state.nested_absmax, state.nested_code, state.offset.reshape(1)
+    return state.absmax, state.absmax, state.absmax, state.absmax
+
+
+def dequantize_nf4(state: NF4State, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Triton version of `minilora.nf4.dequantize_nf4`: the weight as a `dtype` tensor of `state.shape`.
+
+    out: optional preallocated contiguous tensor of that shape and dtype, overwritten (used as a
+    reusable buffer by the large-M matmul).
+    """
+    dtype = dtype or state.dtype
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"dequantize_nf4: dtype {dtype}; expected float16, bfloat16 or float32")
+    device = state.packed.device
+    check_state(state, device, "dequantize_nf4")
+    if out is None:
+        out = torch.empty(state.shape, dtype=dtype, device=device)
+    elif out.shape != state.shape or out.dtype != dtype or out.device != device or not out.is_contiguous():
+        raise ValueError(f"dequantize_nf4: out is {out.dtype} {list(out.shape)} on {out.device} "
+                         f"(contiguous={out.is_contiguous()}); expected contiguous {dtype} {list(state.shape)} "
+                         f"on {device}")
+    grid = (triton.cdiv((state.numel + 1) // 2, BLOCK_BYTES),)
+    _dequantize_nf4_kernel[grid](state.packed, *nested_args(state), state.code, out, state.numel,
+                                 NESTED=state.nested, NESTED_BLOCKSIZE=state.nested_blocksize,
+                                 BLOCK_BYTES=BLOCK_BYTES, num_warps=NUM_WARPS, enable_fp_fusion=False)
+    return out

@@ -1,0 +1,153 @@
+"""4-bit matmuls with an NF4 weight W (N, K): y = x @ W^T (forward) and g @ W (input gradient).
+
+Reference (plain torch, below): `matmul_nf4_reference` = F.linear(x, dequantize_nf4(W)).
+Two paths, picked by the number of rows M of x:
+  - M <= SMALL_M (decoding): one fused kernel reads each packed byte once, dequantizes it in registers
+    and multiplies. A byte holds W[n, k] (high nibble) and W[n, k+1] (low), so x is read as its even and
+    odd columns: y[m, n] = sum_j code[hi]*s*x[m, 2j] + code[lo]*s*x[m, 2j+1]. The weight is streamed as
+    (BLOCK_N rows) x (BLOCK_K // 64 absmax groups) x 32 bytes; for one row of x the scale is applied
+    after summing each 64-group (one multiply per group), for up to 16 rows the dequantized tile goes
+    through tl.dot. Needs K % 64 == 0 (every Llama/Qwen/Gemma/Phi width is), else the large-M path.
+  - larger M: dequantize W into a buffer reused across calls (`kernels/nf4_dequant.py`), then cuBLAS.
+    The buffer is per (shape, dtype, device) and only read by the matmul that follows on the same
+    stream, so reuse is safe; it is never returned or saved for backward.
+g @ W (backward) always takes the dequant + cuBLAS path: training has large M.
+Test: tests/test_nf4_kernels.py. Benchmark: benchmarks/kernels.py (numbers in benchmarks/RESULTS.md).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from kernels.nf4_dequant import check_state, dequantize_nf4, nested_args
+from minilora.nf4 import NF4State
+from minilora.nf4 import dequantize_nf4 as dequantize_nf4_reference
+
+SMALL_M = 16  # up to this many rows use the fused kernel (chosen from benchmarks/kernels.py on an H100)
+
+# Autotuned on an H100 80GB at Llama-3.2-3B shapes; the CPU interpreter gets one small config.
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _CONFIGS = [triton.Config({"BLOCK_N": 16, "BLOCK_K": 128})]
+else:
+    _CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w)
+                for n, k, w in [(8, 256, 4), (16, 256, 4), (16, 512, 4), (32, 256, 4), (32, 512, 8),
+                                (64, 256, 8), (8, 512, 4), (16, 1024, 8)]]
+
+
+def matmul_nf4_reference(x: torch.Tensor, state: NF4State) -> torch.Tensor:
+    """x @ W^T with W dequantized to x's dtype (plain torch)."""
+    return F.linear(x, dequantize_nf4_reference(state, x.dtype))
+
+
+def matmul_nf4_t_reference(g: torch.Tensor, state: NF4State) -> torch.Tensor:
+    """g @ W with W dequantized to g's dtype (plain torch): the input gradient of x @ W^T."""
+    return g @ dequantize_nf4_reference(state, g.dtype)
+
+
+@triton.jit
+def _load_absmax(block, mask, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
+                 NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr):
+    """fp32 absmax of the 64-blocks `block` (undoing the double quantization)."""
+    if NESTED:
+        qabs = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
+        nested = tl.load(nested_absmax_ptr + block // NESTED_BLOCKSIZE, mask=mask, other=0.0)
+        return tl.load(nested_code_ptr + qabs) * nested + tl.load(offset_ptr)
+    return tl.load(absmax_ptr + block, mask=mask, other=0.0)
+
+
+@triton.autotune(configs=_CONFIGS, key=["N", "K", "BLOCK_M"])
+@triton.jit
+def _matmul_nf4_small_m_kernel(x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
+                               code_ptr, out_ptr, M, N, K, stride_xm, stride_om,
+                               NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, BLOCK_M: tl.constexpr,
+                               DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    GROUPS: tl.constexpr = BLOCK_K // 64
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    g = tl.arange(0, GROUPS)
+    i = tl.arange(0, 32)
+    n_mask = n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        group = k0 // 64 + g  # absmax group within the row, (GROUPS,)
+        g_mask = group < K // 64
+        w_mask = n_mask[:, None, None] & g_mask[None, :, None]
+        q = tl.load(packed_ptr + n[:, None, None] * (K // 2) + group[None, :, None] * 32 + i[None, None, :],
+                    mask=w_mask, other=0).to(tl.int32)  # (BLOCK_N, GROUPS, 32)
+        scale = _load_absmax(n[:, None] * (K // 64) + group[None, :], n_mask[:, None] & g_mask[None, :],
+                             absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, NESTED, NESTED_BLOCKSIZE)
+        high = tl.load(code_ptr + (q >> 4))  # W[n, 2j] / scale
+        low = tl.load(code_ptr + (q & 15))  # W[n, 2j + 1] / scale
+        k_even = group[:, None] * 64 + 2 * i[None, :]  # (GROUPS, 32)
+        if BLOCK_M == 1:
+            x_row = x_ptr + tl.program_id(1) * stride_xm
+            x_even = tl.load(x_row + k_even, mask=g_mask[:, None], other=0.0).to(tl.float32)
+            x_odd = tl.load(x_row + k_even + 1, mask=g_mask[:, None], other=0.0).to(tl.float32)
+            per_group = tl.sum(high * x_even[None, :, :] + low * x_odd[None, :, :], axis=2)  # (BLOCK_N, GROUPS)
+            acc += tl.sum(per_group * scale, axis=1)[None, :]
+        else:
+            w_even = tl.reshape((high * scale[:, :, None]).to(x_ptr.dtype.element_ty), (BLOCK_N, GROUPS * 32))
+            w_odd = tl.reshape((low * scale[:, :, None]).to(x_ptr.dtype.element_ty), (BLOCK_N, GROUPS * 32))
+            k_even_flat = tl.reshape(k_even, (GROUPS * 32,))
+            x_mask = (m < M)[:, None] & (k_even_flat < K)[None, :]
+            x_rows = x_ptr + m[:, None] * stride_xm + k_even_flat[None, :]
+            x_even = tl.load(x_rows, mask=x_mask, other=0.0)
+            x_odd = tl.load(x_rows + 1, mask=x_mask, other=0.0)
+            acc += tl.dot(x_even, tl.trans(w_even), input_precision=DOT_PRECISION)
+            acc += tl.dot(x_odd, tl.trans(w_odd), input_precision=DOT_PRECISION)
+    out = out_ptr + m[:, None] * stride_om + n[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(m < M)[:, None] & n_mask[None, :])
+
+
+_buffers: dict[tuple, torch.Tensor] = {}
+
+
+def _dequantize_into_buffer(state: NF4State, dtype: torch.dtype) -> torch.Tensor:
+    """W dequantized into a buffer reused by every call with the same shape/dtype/device."""
+    key = (tuple(state.shape), dtype, state.packed.device)
+    if key not in _buffers:
+        _buffers[key] = torch.empty(state.shape, dtype=dtype, device=state.packed.device)
+    return dequantize_nf4(state, dtype, out=_buffers[key])
+
+
+def _check_input(x: torch.Tensor, state: NF4State, width: int, who: str) -> None:
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"{who}: input dtype {x.dtype}; expected float16, bfloat16 or float32")
+    if x.device != state.packed.device:
+        raise ValueError(f"{who}: input is on {x.device}, the weight on {state.packed.device}")
+    if x.dim() < 1 or x.shape[-1] != width:
+        raise ValueError(f"{who}: input shape {list(x.shape)}; expected (..., {width}) for weight {list(state.shape)}")
+    if not x.is_contiguous():
+        raise ValueError(f"{who}: input is not contiguous (strides {x.stride()}); call .contiguous() first")
+    check_state(state, x.device, who)
+    if len(state.shape) != 2:
+        raise ValueError(f"{who}: weight shape {list(state.shape)}; expected 2-D (out_features, in_features)")
+
+
+def matmul_nf4(x: torch.Tensor, state: NF4State) -> torch.Tensor:
+    """x (..., K) @ W^T -> (..., N), W an NF4 weight (N, K) dequantized to x's dtype."""
+    N, K = state.shape
+    _check_input(x, state, K, "matmul_nf4")
+    x2 = x.reshape(-1, K)
+    M = x2.shape[0]
+    if M > SMALL_M or K % 64 != 0 or M == 0:
+        return F.linear(x, _dequantize_into_buffer(state, x.dtype))
+    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    block_m = 1 if M <= 2 else 16  # one row per program below 3 rows, else tensor cores
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, block_m))  # noqa: E731
+    _matmul_nf4_small_m_kernel[grid](x2, state.packed, *nested_args(state), state.code, out, M, N, K,
+                                     x2.stride(0), out.stride(0), NESTED=state.nested,
+                                     NESTED_BLOCKSIZE=state.nested_blocksize, BLOCK_M=block_m,
+                                     DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32")  # fp32 stays fp32
+    return out.reshape(*x.shape[:-1], N)
+
+
+def matmul_nf4_t(g: torch.Tensor, state: NF4State) -> torch.Tensor:
+    """g (..., N) @ W -> (..., K): the gradient of x @ W^T with respect to x."""
+    N, K = state.shape
+    _check_input(g, state, N, "matmul_nf4_t")
+    return g @ _dequantize_into_buffer(state, g.dtype)

@@ -1,0 +1,195 @@
+"""NF4 reference (minilora/nf4.py) against bitsandbytes 0.50: bytes bit-identical, dequantization equal,
+error within bitsandbytes' own envelope, Linear4bit and the HF/bitsandbytes checkpoint layout.
+
+On CPU these compare with bitsandbytes' CPU code; the `gpu` copies compare with its CUDA kernels.
+"""
+import json
+
+import pytest
+import torch
+
+bnb = pytest.importorskip("bitsandbytes")
+import bitsandbytes.functional as bnbf  # noqa: E402
+
+from minilora import nf4  # noqa: E402
+from minilora.errors import CheckpointError  # noqa: E402
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# odd numel, one element, short last block, rows not a multiple of 64, more than 256 blocks (two nested groups)
+SHAPES = [(1,), (3, 5), (64, 64), (37, 129), (68, 16), (300, 70)]
+
+
+def _weight(shape, dtype, device="cpu"):
+    w = torch.randn(shape, device=device) * torch.rand((), device=device) * 3
+    if w.numel() > 128:
+        w.view(-1)[64:128] = 0  # an all-zero block: absmax 0, a corner both libraries treat specially
+    return w.to(dtype)
+
+
+def _assert_equal(ours, theirs, what):
+    assert ours.dtype == theirs.dtype and ours.shape == theirs.shape, \
+        f"{what}: ours {ours.dtype} {tuple(ours.shape)}, bitsandbytes {theirs.dtype} {tuple(theirs.shape)}"
+    if not torch.equal(ours, theirs):
+        diff = ours.float() != theirs.float()
+        raise AssertionError(f"{what}: {int(diff.sum())} of {ours.numel()} values differ, first at "
+                             f"{diff.nonzero()[0].tolist()}: ours {ours[diff][0]}, bitsandbytes {theirs[diff][0]}")
+
+
+def _bnb_dequantize(q, state):
+    # bitsandbytes 0.50.2's CPU dequantize_4bit kernel is wrong when the last dim is not a multiple of
+    # 64 (element 64 of a (68, 16) weight is scaled by block 0's absmax); its flat-vector path is right.
+    flat = bnbf.QuantState(absmax=state.absmax, shape=torch.Size([state.shape.numel()]), code=state.code,
+                           blocksize=state.blocksize, quant_type="nf4", dtype=state.dtype, offset=state.offset,
+                           state2=state.state2)
+    return bnbf.dequantize_4bit(q, flat, quant_type="nf4").reshape(state.shape)
+
+
+def _check_against_bnb(w, compress_statistics):
+    q, s = bnbf.quantize_4bit(w, quant_type="nf4", compress_statistics=compress_statistics, blocksize=64)
+    ours = nf4.quantize_nf4(w, compress_statistics)
+    _assert_equal(ours.packed, q, "packed bytes")
+    _assert_equal(ours.absmax, s.absmax, "absmax")
+    _assert_equal(ours.code, s.code, "code")
+    if compress_statistics:
+        _assert_equal(ours.nested_absmax, s.state2.absmax, "nested absmax")
+        _assert_equal(ours.offset, s.offset, "offset")
+        _assert_equal(ours.nested_code, s.state2.code, "nested code")
+    else:
+        assert ours.nested_absmax is None and s.state2 is None
+    _assert_equal(nf4.dequantize_nf4(ours), _bnb_dequantize(q, s), "dequantized weight")
+
+
+def test_dynamic_code_matches_bitsandbytes():
+    _assert_equal(nf4.dynamic_code(), bnbf.create_dynamic_map(), "8-bit dynamic code")
+    _assert_equal(nf4.nf4_code(), bnbf.get_4bit_type("nf4", device="cpu"), "NF4 code")
+
+
+@pytest.mark.parametrize("compress_statistics", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_quantize_bit_identical_to_bitsandbytes(shape, dtype, compress_statistics):
+    _check_against_bnb(_weight(shape, dtype), compress_statistics)
+
+
+def test_nested_quantization_on_many_blocks():
+    # 200k absmax values: the 8-bit step of the double quantization meets many near-ties
+    _check_against_bnb(torch.randn(3000, 4096) * 0.02, True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compress_statistics", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES + [(3072, 8192)])
+def test_quantize_bit_identical_to_bitsandbytes_cuda(device, shape, dtype, compress_statistics):
+    _check_against_bnb(_weight(shape, dtype, device), compress_statistics)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_roundtrip_error_within_bitsandbytes_envelope(dtype):
+    # bitsandbytes tests/test_functional.py, nf4 blocksize 64: mean abs 0.072798, mean rel 0.203339,
+    # each with 7 standard deviations of slack (0.000074, 0.000340) over random draws
+    w = torch.randn(1024, 1024).to(dtype)
+    err = (nf4.dequantize_nf4(nf4.quantize_nf4(w, True)).float() - w.float()).abs()
+    mean_abs, mean_rel = err.mean().item(), (err / (w.float().abs() + 1e-8)).mean().item()
+    assert mean_abs < 0.072798 + 7 * 0.000074, f"mean abs error {mean_abs}"
+    assert mean_rel < 0.203339 + 7 * 0.000340, f"mean rel error {mean_rel}"
+
+
+def test_pack_unpack_nibbles_order():
+    q = torch.tensor([1, 2, 15, 0, 9], dtype=torch.uint8)
+    packed = nf4.pack_nibbles(q)
+    assert packed.view(-1).tolist() == [0x12, 0xF0, 0x97]  # first element high, odd length padded with 7
+    assert nf4.unpack_nibbles(packed, 5).tolist() == q.tolist()
+
+
+def test_quantize_rejects_bad_input():
+    with pytest.raises(ValueError, match="int32"):
+        nf4.quantize_nf4(torch.ones(4, 4, dtype=torch.int32))
+    with pytest.raises(ValueError, match="0 elements"):
+        nf4.quantize_nf4(torch.ones(0, 4))
+
+
+# ---- Linear4bit ----
+
+def _float64_linear(lin, x):
+    return x.double() @ nf4.dequantize_nf4(lin.state, torch.float64).T + (0 if lin.bias is None else lin.bias.double())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_linear4bit_forward_and_input_gradient(dtype):
+    w, b = torch.randn(37, 130), torch.randn(37)
+    lin = nf4.Linear4bit.from_weight(w.to(dtype), b.to(dtype), backend="torch")
+    assert lin.in_features == 130 and lin.out_features == 37 and lin.weight_dtype == dtype
+    assert lin.bias.dtype == dtype and not lin.bias.requires_grad  # the base model is frozen
+    assert [n for n, p in lin.named_parameters() if p.requires_grad] == []
+    # the float weight is not kept: the only (37, 130)-sized state would be it
+    assert all(t.numel() < w.numel() for t in lin.state_dict().values())
+    x = torch.randn(2, 3, 130, dtype=dtype, requires_grad=True)
+    y = lin(x)
+    ref = _float64_linear(lin, x.detach())
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3}[dtype]  # fp16: a few output ulps over a 130-term sum
+    torch.testing.assert_close(y.double(), ref, rtol=tol, atol=tol * ref.abs().max().item())
+    g = torch.randn_like(y)
+    y.backward(g)
+    ref_grad = g.double() @ nf4.dequantize_nf4(lin.state, torch.float64)
+    torch.testing.assert_close(x.grad.double(), ref_grad, rtol=tol, atol=tol * ref_grad.abs().max().item())
+    assert lin.weight_packed.grad is None
+
+
+def test_linear4bit_dequantize_matches_reference():
+    w = torch.randn(33, 64)
+    lin = nf4.Linear4bit.from_weight(w, None, compress_statistics=False, dtype=torch.float16)
+    assert torch.equal(lin.dequantize(), nf4.dequantize_nf4(nf4.quantize_nf4(w, False), torch.float16))
+
+
+# ---- Hugging Face + bitsandbytes checkpoint layout ----
+
+@pytest.mark.parametrize("compress_statistics", [True, False])
+def test_to_hf_state_is_what_bitsandbytes_writes(compress_statistics):
+    w, b = torch.randn(40, 128, dtype=torch.bfloat16), torch.randn(40, dtype=torch.bfloat16)
+    lin = nf4.Linear4bit.from_weight(w, b, compress_statistics=compress_statistics)
+    ours = nf4.to_hf_state(lin, "model.layers.0.mlp.up_proj")
+    q, s = bnbf.quantize_4bit(w, quant_type="nf4", compress_statistics=compress_statistics, blocksize=64)
+    theirs = {f"model.layers.0.mlp.up_proj.weight.{k}": v for k, v in s.as_dict(packed=True).items()}
+    theirs.update({"model.layers.0.mlp.up_proj.weight": q, "model.layers.0.mlp.up_proj.bias": b})
+    assert sorted(ours) == sorted(theirs)
+    for key in theirs:
+        _assert_equal(ours[key], theirs[key], key)
+    meta = json.loads(bytes(ours["model.layers.0.mlp.up_proj.weight.quant_state.bitsandbytes__nf4"].tolist()))
+    assert meta["shape"] == [40, 128] and meta["dtype"] == "bfloat16"
+
+
+def test_hf_state_loads_in_bitsandbytes_and_back(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    w, b = torch.randn(24, 192), torch.randn(24)
+    lin = nf4.Linear4bit.from_weight(w, b, backend="torch")
+    save_file(nf4.to_hf_state(lin, "proj"), tmp_path / "m.safetensors")  # no shared storage
+    tensors = load_file(tmp_path / "m.safetensors")
+    # bitsandbytes' own loader (what transformers calls for a pre-quantized checkpoint)
+    theirs = bnb.nn.Linear4bit(192, 24, bias=True, compute_dtype=torch.float32, quant_type="nf4")
+    stats = {k.removeprefix("proj.weight."): v for k, v in tensors.items() if k.startswith("proj.weight.")}
+    theirs.weight = bnb.nn.Params4bit.from_prequantized(tensors["proj.weight"], stats, device="cpu", module=theirs)
+    theirs.bias = torch.nn.Parameter(tensors["proj.bias"])
+    x = torch.randn(3, 192)
+    torch.testing.assert_close(theirs(x), lin(x), rtol=1e-5, atol=1e-5)
+    # and back: our loader on the same file gives the same layer
+    back = nf4.from_hf_state(tensors, "proj", torch.float32, backend="torch")
+    assert torch.equal(back.dequantize(), lin.dequantize()) and torch.equal(back.bias, lin.bias)
+    assert torch.equal(back.dequantize(), bnbf.dequantize_4bit(theirs.weight, theirs.weight.quant_state, quant_type="nf4"))
+
+
+def test_from_hf_state_errors_name_the_key():
+    lin = nf4.Linear4bit.from_weight(torch.randn(8, 64), None)
+    good = nf4.to_hf_state(lin, "q_proj")
+    missing = {k: v for k, v in good.items() if not k.endswith("absmax") or "nested" in k}
+    with pytest.raises(CheckpointError, match=r"q_proj\.weight\.absmax"):
+        nf4.from_hf_state(missing, "q_proj", torch.float32)
+    short = dict(good, **{"q_proj.weight.absmax": good["q_proj.weight.absmax"][:1]})
+    with pytest.raises(CheckpointError, match="1 values; expected 8"):
+        nf4.from_hf_state(short, "q_proj", torch.float32)
+    fp4 = dict(good, **{"q_proj.weight.quant_state.bitsandbytes__nf4": torch.tensor(
+        list(json.dumps({"quant_type": "fp4", "blocksize": 64, "dtype": "float32", "shape": [8, 64]}).encode()),
+        dtype=torch.uint8)})
+    with pytest.raises(CheckpointError, match="'fp4'"):
+        nf4.from_hf_state(fp4, "q_proj", torch.float32)
