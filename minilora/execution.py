@@ -309,7 +309,9 @@ def run_program(program, limits=Limits()):
             for path in (work, os.path.join(work, "program.py"), os.path.join(work, "run.py")):
                 os.chown(path, *user)
         secret = secrets.token_hex(16)
-        env = {"PATH": os.defpath, "HOME": work, "TMPDIR": work, "LANG": "C.UTF-8"}
+        # one BLAS thread: each thread's stack counts against RLIMIT_AS, so `import numpy` on a many-core box could fail
+        env = {"PATH": os.defpath, "HOME": work, "TMPDIR": work, "LANG": "C.UTF-8",
+               "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         out_path, err_path = os.path.join(root, "stdout"), os.path.join(root, "stderr")
         start = time.monotonic()
         with open(out_path, "wb") as out, open(err_path, "wb") as err:
