@@ -52,6 +52,13 @@ def _forward_backward(fn, inputs, grad_outputs):
     return step
 
 
+def _backward(fn, inputs, grad_outputs):
+    """The backward alone, through one graph kept alive (retain_graph)."""
+    outs = _as_tuple(fn(*inputs))
+    needs_grad = [x for x in inputs if torch.is_tensor(x) and x.requires_grad]
+    return lambda: torch.autograd.grad(outs, needs_grad, grad_outputs, retain_graph=True)
+
+
 def bench_elementwise(name, triton_fn, torch_fn, inputs, bytes_forward, bytes_backward):
     """Rows (kernel, pass, torch ms, triton ms, speedup, triton GB/s, % of copy rate)."""
     outs_t = triton_fn(*inputs)
@@ -62,6 +69,7 @@ def bench_elementwise(name, triton_fn, torch_fn, inputs, bytes_forward, bytes_ba
            _forward_backward(torch_fn, inputs, grads)())
     rows = []
     for label, nbytes, make in (("fwd", bytes_forward, lambda fn: (lambda: fn(*inputs))),
+                                ("bwd", bytes_backward, lambda fn: _backward(fn, inputs, grads)),
                                 ("fwd+bwd", bytes_forward + bytes_backward,
                                  lambda fn: _forward_backward(fn, inputs, grads))):
         ms_torch = _time(make(torch_fn))
@@ -122,6 +130,10 @@ def main():
     rows = bench_elementwise("RMSNorm", lambda x, w: rms_norm_triton(x, w, 1e-5),
                              lambda x, w: rms_norm_torch(x, w, 1e-5), [x, norm_weight],
                              4 * N * D, 6 * N * D)
+    trained_weight = norm_weight.clone().requires_grad_()
+    rows += bench_elementwise("RMSNorm, weight trained", lambda x, w: rms_norm_triton(x, w, 1e-5),
+                              lambda x, w: rms_norm_torch(x, w, 1e-5), [x, trained_weight],
+                              4 * N * D, 6 * N * D)
     gemma_weight = (0.1 * torch.randn(D, device=dev)).to(bf16)
     rows += bench_elementwise("RMSNorm (1+w)", lambda x, w: rms_norm_triton(x, w, 1e-6, True),
                               lambda x, w: rms_norm_torch(x, w, 1e-6, True), [x, gemma_weight],

@@ -24,7 +24,8 @@ Backward, one row at a time, with g = dL/dy and s = weight (Llama) or 1 + weight
 The casts count as the identity in the backward, as they do for autograd. The backward runs a fixed
 number P of programs, each owning a contiguous range of rows; each sums its rows' dweight terms in fp32
 and writes one row of a (P, D) fp32 buffer, which torch sums. A frozen weight (QLoRA) skips that work
-and that buffer; an input that needs no gradient skips dx.
+and that buffer, and then the backward runs one program per row, as the forward does; an input that
+needs no gradient skips dx.
 
 Test: tests/test_train_kernels.py. Benchmark: benchmarks/train_kernels.py.
 """
@@ -166,7 +167,8 @@ class _RMSNorm(torch.autograd.Function):
         D = x.shape[-1]
         N = x.numel() // D
         grad_x = torch.empty_like(x) if compute_dx else None
-        num_programs = max(1, min(N, _num_programs(x.device)))
+        # with dweight to reduce, a few programs (each one (D,) partial); without, one row a program
+        num_programs = max(1, min(N, _num_programs(x.device)) if compute_dw else N)
         rows_per_program = triton.cdiv(N, num_programs)
         num_programs = max(1, triton.cdiv(N, rows_per_program))
         grad_w_partial = (torch.empty(num_programs, D, dtype=torch.float32, device=x.device)
