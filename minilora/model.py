@@ -12,7 +12,12 @@ Attention masking is one rule for training, packing and generation: query q may 
   segments[k] == segments[q] and positions[k] <= positions[q] and positions[q] - positions[k] < window.
 Packed rows get one segment id per example (positions restart at 0), padding gets its own segment,
 so nothing leaks across examples and no row is ever fully masked.
+
+On CUDA (backend setting "triton", the default there; see kernels/backend.py) RMSNorm, RoPE, the GLU and
+the loss run as the Triton kernels of kernels/; everywhere else the plain-torch lines below run. Both give
+the same numbers up to rounding (tests/test_train_kernels.py).
 """
+import functools
 import math
 
 import torch
@@ -23,6 +28,27 @@ from torch import nn
 from .config import ModelConfig, RopeConfig
 
 
+def use_triton(x):
+    """True when `x` should go through the Triton training kernels: on CUDA, unless the backend is "torch"."""
+    if not x.is_cuda:
+        return False
+    from kernels.backend import resolve_backend
+
+    return resolve_backend("auto", x.device) == "triton"
+
+
+@functools.lru_cache(maxsize=None)
+def triton_ops():
+    """The Triton training kernels, imported on first use so that CPU-only installs never need triton."""
+    import kernels
+
+    kernels.require_minilora_kernels(kernels)
+    from kernels import cross_entropy, glu, rmsnorm, rope
+
+    return dict(rms_norm=rmsnorm.rms_norm_triton, rope=rope.rope_triton, swiglu=glu.swiglu_triton,
+                geglu=glu.geglu_triton, linear_cross_entropy=cross_entropy.linear_cross_entropy_triton)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps, unit_offset=False):
         super().__init__()
@@ -30,6 +56,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim))
 
     def forward(self, x):
+        if use_triton(x):
+            return triton_ops()["rms_norm"](x, self.weight, self.eps, self.unit_offset)
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.unit_offset:  # Gemma: scale by (1 + w) in fp32, cast once at the end
@@ -90,8 +118,11 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Dh)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
-        q = apply_rope(q.transpose(1, 2), cos, sin)  # (B, H, T, Dh)
-        k = apply_rope(k.transpose(1, 2), cos, sin)  # (B, Hkv, T, Dh)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, Dh), (B, Hkv, T, Dh)
+        if use_triton(q):
+            q, k = triton_ops()["rope"](q, k, cos, sin)
+        else:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, S, Dh)
         if self.softcap is None:
@@ -125,6 +156,9 @@ class MLP(nn.Module):
 
     def forward(self, x):
         gate = self.gate_proj(x)
+        if self.activation != "gelu" and use_triton(x):
+            glu = triton_ops()["swiglu" if self.activation == "silu" else "geglu"]
+            return self.down_proj(glu(gate, self.up_proj(x)))
         if self.activation == "silu":
             gate = F.silu(gate)  # SwiGLU
         else:  # GeGLU; Gemma uses the tanh approximation
@@ -186,6 +220,16 @@ class Transformer(nn.Module):
     def forward(self, input_ids, positions=None, segments=None, cache=None):
         """input_ids (B, T) -> logits (B, T, V) in fp32 for the loss / sampling."""
         return self.logits(self.hidden_states(input_ids, positions, segments, cache))
+
+    def loss(self, input_ids, labels, positions=None, segments=None):
+        """Sum of the token cross-entropies where labels != -100 (labels already shifted: labels[t] is the
+        target at position t). On CUDA the fused kernel never materialises the (tokens x V) logits."""
+        hidden = self.hidden_states(input_ids, positions, segments)
+        if use_triton(hidden):
+            return triton_ops()["linear_cross_entropy"](hidden.flatten(0, 1), self.lm_head.weight, labels.flatten(),
+                                                         self.config.final_logit_softcap)
+        logits = self.logits(hidden)
+        return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
 
     def logits(self, hidden):
         logits = self.lm_head(hidden).float()
