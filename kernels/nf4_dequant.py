@@ -5,8 +5,9 @@ Formula (identical to the torch reference `minilora.nf4.dequantize_nf4`, bit for
     w[i]      = (code[q[i]] * absmax[i // 64]).to(dtype)                      all in fp32, one cast
 Layout: `packed` holds element 2j in the high nibble and 2j+1 in the low nibble of byte j, over the
 row-major flattened weight; 64 elements (32 bytes) share one absmax.
-Each program reads BLOCK_BYTES bytes and writes 2 * BLOCK_BYTES outputs, the two nibbles interleaved
-back into element order (`tl.interleave`) so the store is contiguous.
+Each program takes BLOCKS absmax blocks as a (BLOCKS, 32)-byte tile, so one scale is loaded per block,
+and writes (BLOCKS, 64) outputs, the two nibbles interleaved back into element order (`tl.interleave`)
+so the store is contiguous.
 No fused multiply-add (`enable_fp_fusion=False`): bitsandbytes rounds the multiply and the add
 separately, and so does the reference, so the results are equal, not just close.
 Test: tests/test_nf4_kernels.py. Benchmark: benchmarks/kernels.py.
@@ -19,31 +20,37 @@ import triton.language as tl
 
 from minilora.nf4 import MAX_NUMEL, NF4State
 
-# Tuned on an H100 80GB (bitsandbytes 3072x8192 weight); 4 warps x 1024 bytes keeps 16 bytes in flight per thread.
-BLOCK_BYTES = 1024
+# An H100 80GB needs ~16 KB in flight per SM; 32 blocks = 1 KB of packed bytes per program, 4 warps.
+BLOCKS_PER_PROGRAM = 32
 NUM_WARPS = 4
 
 
 @triton.jit
 def _dequantize_nf4_kernel(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, code_ptr,
                            out_ptr, numel, NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
-                           BLOCK_BYTES: tl.constexpr):
-    pid = tl.program_id(0)
-    byte = pid * BLOCK_BYTES + tl.arange(0, BLOCK_BYTES)
-    in_range = byte < (numel + 1) // 2
-    q = tl.load(packed_ptr + byte, mask=in_range, other=0).to(tl.int32)
-    block = byte // 32  # 64 elements = 32 bytes per absmax
-    if NESTED:
-        qabs = tl.load(absmax_ptr + block, mask=in_range, other=0).to(tl.int32)
-        nested = tl.load(nested_absmax_ptr + block // NESTED_BLOCKSIZE, mask=in_range, other=0.0)
-        scale = tl.load(nested_code_ptr + qabs) * nested + tl.load(offset_ptr)
-    else:
-        scale = tl.load(absmax_ptr + block, mask=in_range, other=0.0)
-    high = tl.load(code_ptr + (q >> 4)) * scale
-    low = tl.load(code_ptr + (q & 15)) * scale
-    values = tl.interleave(high, low)  # (2 * BLOCK_BYTES,) in element order
-    index = pid * 2 * BLOCK_BYTES + tl.arange(0, 2 * BLOCK_BYTES)
+                           BLOCKS: tl.constexpr):
+    block = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)  # absmax blocks of 64 elements = 32 bytes
+    byte = block[:, None] * 32 + tl.arange(0, 32)[None, :]  # (BLOCKS, 32)
+    n_bytes = (numel + 1) // 2
+    q = tl.load(packed_ptr + byte, mask=byte < n_bytes, other=0).to(tl.int32)
+    scale = _absmax(block, block * 32 < n_bytes, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
+                    NESTED, NESTED_BLOCKSIZE)[:, None]
+    high = tl.load(code_ptr + (q >> 4)) * scale  # elements 2j
+    low = tl.load(code_ptr + (q & 15)) * scale  # elements 2j + 1
+    values = tl.interleave(high, low)  # (BLOCKS, 64) in element order
+    index = block[:, None] * 64 + tl.arange(0, 64)[None, :]
     tl.store(out_ptr + index, values.to(out_ptr.dtype.element_ty), mask=index < numel)
+
+
+@triton.jit
+def _absmax(block, mask, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
+            NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr):
+    """fp32 absmax of the 64-element blocks `block` (undoing the double quantization). Shared with nf4_matmul."""
+    if NESTED:
+        qabs = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
+        nested = tl.load(nested_absmax_ptr + block // NESTED_BLOCKSIZE, mask=mask, other=0.0)
+        return tl.load(nested_code_ptr + qabs) * nested + tl.load(offset_ptr)
+    return tl.load(absmax_ptr + block, mask=mask, other=0.0)
 
 
 def check_state(state: NF4State, device: torch.device, who: str) -> None:
@@ -103,8 +110,8 @@ def dequantize_nf4(state: NF4State, dtype: torch.dtype | None = None, out: torch
         raise ValueError(f"dequantize_nf4: out is {out.dtype} {list(out.shape)} on {out.device} "
                          f"(contiguous={out.is_contiguous()}); expected contiguous {dtype} {list(state.shape)} "
                          f"on {device}")
-    grid = (triton.cdiv((state.numel + 1) // 2, BLOCK_BYTES),)
+    grid = (triton.cdiv(state.numel, 64 * BLOCKS_PER_PROGRAM),)
     _dequantize_nf4_kernel[grid](state.packed, *nested_args(state), state.code, out, state.numel,
                                  NESTED=state.nested, NESTED_BLOCKSIZE=state.nested_blocksize,
-                                 BLOCK_BYTES=BLOCK_BYTES, num_warps=NUM_WARPS, enable_fp_fusion=False)
+                                 BLOCKS=BLOCKS_PER_PROGRAM, num_warps=NUM_WARPS, enable_fp_fusion=False)
     return out

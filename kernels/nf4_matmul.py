@@ -23,19 +23,25 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.nf4_dequant import check_state, dequantize_nf4, nested_args
+from kernels.nf4_dequant import _absmax, check_state, dequantize_nf4, nested_args
 from minilora.nf4 import NF4State
 from minilora.nf4 import dequantize_nf4 as dequantize_nf4_reference
 
 SMALL_M = 16  # up to this many rows use the fused kernel (chosen from benchmarks/kernels.py on an H100)
 
-# Autotuned on an H100 80GB at Llama-3.2-3B shapes; the CPU interpreter gets one small config.
+# Autotune space, tried on an H100 80GB at Llama-3.2-3B shapes; the CPU interpreter gets one small config.
 if os.environ.get("TRITON_INTERPRET") == "1":
     _CONFIGS = [triton.Config({"BLOCK_N": 16, "BLOCK_K": 128})]
 else:
-    _CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w)
-                for n, k, w in [(8, 256, 4), (16, 256, 4), (16, 512, 4), (32, 256, 4), (32, 512, 8),
-                                (64, 256, 8), (8, 512, 4), (16, 1024, 8)]]
+    _CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+                for n, k, w, s in [(4, 512, 4, 3), (4, 1024, 4, 2), (8, 512, 4, 3), (8, 1024, 8, 2),
+                                   (16, 256, 4, 3), (16, 512, 4, 3), (16, 512, 8, 3), (32, 256, 4, 3),
+                                   (32, 512, 8, 2), (64, 256, 8, 2)]]
+
+
+def _prune(configs, named_args, **kwargs):
+    # tl.dot needs at least 16 columns; the one-row path takes any BLOCK_N
+    return [c for c in configs if named_args["BLOCK_M"] == 1 or c.kwargs["BLOCK_N"] >= 16]
 
 
 def matmul_nf4_reference(x: torch.Tensor, state: NF4State) -> torch.Tensor:
@@ -48,59 +54,44 @@ def matmul_nf4_t_reference(g: torch.Tensor, state: NF4State) -> torch.Tensor:
     return g @ dequantize_nf4_reference(state, g.dtype)
 
 
-@triton.jit
-def _load_absmax(block, mask, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
-                 NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr):
-    """fp32 absmax of the 64-blocks `block` (undoing the double quantization)."""
-    if NESTED:
-        qabs = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
-        nested = tl.load(nested_absmax_ptr + block // NESTED_BLOCKSIZE, mask=mask, other=0.0)
-        return tl.load(nested_code_ptr + qabs) * nested + tl.load(offset_ptr)
-    return tl.load(absmax_ptr + block, mask=mask, other=0.0)
-
-
-@triton.autotune(configs=_CONFIGS, key=["N", "K", "BLOCK_M"])
+@triton.autotune(configs=_CONFIGS, key=["N", "K", "BLOCK_M"], prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _matmul_nf4_small_m_kernel(x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
                                code_ptr, out_ptr, M, N, K, stride_xm, stride_om,
                                NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, BLOCK_M: tl.constexpr,
                                DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    GROUPS: tl.constexpr = BLOCK_K // 64
+    GROUPS: tl.constexpr = BLOCK_K // 64  # absmax groups of 64 columns (32 bytes) per step
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     g = tl.arange(0, GROUPS)
-    i = tl.arange(0, 32)
-    n_mask = n < N
+    n_mask, m_mask = n < N, m < M
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        group = k0 // 64 + g  # absmax group within the row, (GROUPS,)
+        group = k0 // 64 + g  # (GROUPS,) absmax group within the row
         g_mask = group < K // 64
-        w_mask = n_mask[:, None, None] & g_mask[None, :, None]
-        q = tl.load(packed_ptr + n[:, None, None] * (K // 2) + group[None, :, None] * 32 + i[None, None, :],
-                    mask=w_mask, other=0).to(tl.int32)  # (BLOCK_N, GROUPS, 32)
-        scale = _load_absmax(n[:, None] * (K // 64) + group[None, :], n_mask[:, None] & g_mask[None, :],
-                             absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, NESTED, NESTED_BLOCKSIZE)
-        high = tl.load(code_ptr + (q >> 4))  # W[n, 2j] / scale
+        byte = n[:, None, None] * (K // 2) + group[None, :, None] * 32 + tl.arange(0, 32)[None, None, :]
+        q = tl.load(packed_ptr + byte, mask=n_mask[:, None, None] & g_mask[None, :, None], other=0).to(tl.int32)
+        scale = _absmax(n[:, None] * (K // 64) + group[None, :], n_mask[:, None] & g_mask[None, :],
+                        absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, NESTED, NESTED_BLOCKSIZE)
+        high = tl.load(code_ptr + (q >> 4))  # (BLOCK_N, GROUPS, 32): W[n, 2j] / scale
         low = tl.load(code_ptr + (q & 15))  # W[n, 2j + 1] / scale
-        k_even = group[:, None] * 64 + 2 * i[None, :]  # (GROUPS, 32)
-        if BLOCK_M == 1:
-            x_row = x_ptr + tl.program_id(1) * stride_xm
-            x_even = tl.load(x_row + k_even, mask=g_mask[:, None], other=0.0).to(tl.float32)
-            x_odd = tl.load(x_row + k_even + 1, mask=g_mask[:, None], other=0.0).to(tl.float32)
+        # x's columns of this step, contiguous, split into even (pairs with high) and odd (with low)
+        column = group[:, None] * 64 + tl.arange(0, 64)[None, :]  # (GROUPS, 64)
+        x_tile = tl.load(x_ptr + m[:, None, None] * stride_xm + column[None, :, :],
+                         mask=m_mask[:, None, None] & g_mask[None, :, None], other=0.0)  # (BLOCK_M, GROUPS, 64)
+        x_even, x_odd = tl.split(tl.reshape(x_tile, (BLOCK_M, GROUPS, 32, 2)))
+        if BLOCK_M == 1:  # one row: sum each 64-group, then scale it (one multiply per group)
+            x_even = tl.reshape(x_even, (GROUPS, 32)).to(tl.float32)
+            x_odd = tl.reshape(x_odd, (GROUPS, 32)).to(tl.float32)
             per_group = tl.sum(high * x_even[None, :, :] + low * x_odd[None, :, :], axis=2)  # (BLOCK_N, GROUPS)
             acc += tl.sum(per_group * scale, axis=1)[None, :]
-        else:
+        else:  # up to 16 rows: scale the tile, tensor cores
             w_even = tl.reshape((high * scale[:, :, None]).to(x_ptr.dtype.element_ty), (BLOCK_N, GROUPS * 32))
             w_odd = tl.reshape((low * scale[:, :, None]).to(x_ptr.dtype.element_ty), (BLOCK_N, GROUPS * 32))
-            k_even_flat = tl.reshape(k_even, (GROUPS * 32,))
-            x_mask = (m < M)[:, None] & (k_even_flat < K)[None, :]
-            x_rows = x_ptr + m[:, None] * stride_xm + k_even_flat[None, :]
-            x_even = tl.load(x_rows, mask=x_mask, other=0.0)
-            x_odd = tl.load(x_rows + 1, mask=x_mask, other=0.0)
-            acc += tl.dot(x_even, tl.trans(w_even), input_precision=DOT_PRECISION)
-            acc += tl.dot(x_odd, tl.trans(w_odd), input_precision=DOT_PRECISION)
+            acc += tl.dot(tl.reshape(x_even, (BLOCK_M, GROUPS * 32)), tl.trans(w_even), input_precision=DOT_PRECISION)
+            acc += tl.dot(tl.reshape(x_odd, (BLOCK_M, GROUPS * 32)), tl.trans(w_odd), input_precision=DOT_PRECISION)
     out = out_ptr + m[:, None] * stride_om + n[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(m < M)[:, None] & n_mask[None, :])
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
 _buffers: dict[tuple, torch.Tensor] = {}

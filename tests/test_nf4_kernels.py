@@ -1,0 +1,178 @@
+"""Triton NF4 kernels (kernels/nf4_dequant.py, kernels/nf4_matmul.py) against their torch references.
+
+CPU: Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1), tiny odd shapes, fp32 and fp16.
+GPU (`-m gpu`): the same checks compiled, bf16 included, at model-sized shapes.
+"""
+import pytest
+import torch
+
+from kernels import backend
+from kernels.nf4_dequant import dequantize_nf4
+from kernels.nf4_matmul import SMALL_M, matmul_nf4, matmul_nf4_t
+from minilora import nf4
+
+CPU_DTYPES = [torch.float32, torch.float16]
+EPS = {torch.float32: torch.finfo(torch.float32).eps, torch.float16: torch.finfo(torch.float16).eps,
+       torch.bfloat16: torch.finfo(torch.bfloat16).eps}
+
+
+def _state(n, k, dtype=torch.float32, nested=True, device="cpu"):
+    return nf4.quantize_nf4(torch.randn(n, k, device=device).to(dtype), nested)
+
+
+def _assert_matmul_close(out, x, w, what):
+    """|out - x @ w^T| within a few roundings of the output dtype, measured against float64.
+
+    Bound per element: 4 eps(dtype) * sum_k |x_k w_k| (the fp32 sum of products, then one cast to the
+    output dtype). fp32 inputs in tl.dot stay IEEE fp32.
+    """
+    x64, w64 = x.double(), w.double()
+    ref = x64 @ w64.transpose(-1, -2)
+    scale = x64.abs() @ w64.abs().transpose(-1, -2)
+    err = (out.double() - ref).abs()
+    bound = 4 * EPS[out.dtype] * scale + torch.finfo(torch.float64).tiny
+    bad = err > bound
+    assert not bad.any(), (f"{what}: {int(bad.sum())} of {err.numel()} outside the bound; max diff "
+                           f"{err.max().item():.3g}, mean diff {err.mean().item():.3g}, max bound {bound.max().item():.3g}")
+
+
+# ---- dequantization: must be exactly the reference (same table lookup, same fp32 ops, one cast) ----
+
+@pytest.mark.parametrize("nested", [True, False])
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (37, 129), (5, 2100)])  # odd numel, > 1 program, > 256 blocks
+def test_dequantize_equals_reference(shape, dtype, nested):
+    state = _state(*shape, nested=nested)
+    ours, ref = dequantize_nf4(state, dtype), nf4.dequantize_nf4(state, dtype)
+    assert torch.equal(ours, ref), f"max diff {(ours.float() - ref.float()).abs().max().item()}"
+
+
+def test_dequantize_into_out_buffer():
+    state = _state(9, 64)
+    out = torch.full((9, 64), float("nan"))
+    assert dequantize_nf4(state, torch.float32, out=out) is out
+    assert torch.equal(out, nf4.dequantize_nf4(state))
+
+
+# ---- matmuls: fused small-M kernel (M <= 16, K % 64 == 0) and dequant + matmul otherwise ----
+
+@pytest.mark.parametrize("nested", [True, False])
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("m", [1, 2, 5, SMALL_M + 3])  # one-row path, tl.dot path, dequant + matmul path
+@pytest.mark.parametrize("n,k", [(37, 192), (20, 70)])  # K not a multiple of BLOCK_K; K % 64 != 0 falls back
+def test_matmul_matches_reference(n, k, m, dtype, nested):
+    state = _state(n, k, nested=nested)
+    w = nf4.dequantize_nf4(state, dtype)
+    x = torch.randn(m, k).to(dtype)
+    _assert_matmul_close(matmul_nf4(x, state), x, w, f"x @ W^T, M={m}")
+    g = torch.randn(m, n).to(dtype)
+    _assert_matmul_close(matmul_nf4_t(g, state), g, w.T, f"g @ W, M={m}")
+
+
+def test_matmul_keeps_leading_dims():
+    state = _state(24, 128)
+    x = torch.randn(2, 3, 128)
+    out = matmul_nf4(x, state)
+    assert out.shape == (2, 3, 24)
+    _assert_matmul_close(out, x, nf4.dequantize_nf4(state), "batched x @ W^T")
+
+
+@pytest.mark.parametrize("m", [3, 24])
+def test_linear_gradients_triton_vs_torch_backend(m):
+    lin = nf4.Linear4bit.from_weight(torch.randn(40, 128), torch.randn(40), backend="triton")
+    lin.bias.requires_grad_(True)
+    grads = {}
+    x0 = torch.randn(m, 128)
+    for name in ("triton", "torch"):
+        lin.backend = name
+        x = x0.clone().requires_grad_(True)
+        lin.bias.grad = None
+        y = lin(x)
+        (y.square().sum()).backward()
+        grads[name] = (y.detach(), x.grad, lin.bias.grad)
+    w = nf4.dequantize_nf4(lin.state)
+    _assert_matmul_close(grads["triton"][0] - lin.bias.detach(), x0, w, "forward")
+    if m > SMALL_M:  # dequant + F.linear in both backends: the same numbers exactly
+        for a, b in zip(grads["triton"], grads["torch"]):
+            assert torch.equal(a, b), f"triton vs torch: max diff {(a - b).abs().max().item()}"
+    torch.testing.assert_close(grads["triton"][1], grads["torch"][1], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(grads["triton"][2], grads["torch"][2], rtol=1e-5, atol=1e-4)
+
+
+def test_backends_agree_on_cpu():
+    state = _state(24, 128)
+    x = torch.randn(5, 128)
+    outs = {name: backend.matmul(x, state, name) for name in backend.BACKENDS}
+    for name, out in outs.items():
+        _assert_matmul_close(out, x, nf4.dequantize_nf4(state), f"backend {name}")
+    assert torch.equal(backend.dequantize(state, backend="triton"), backend.dequantize(state, backend="bnb"))
+    assert backend.resolve_backend("auto", torch.device("cpu")) == "torch"
+    with pytest.raises(ValueError, match="'cuda_magic'"):
+        backend.resolve_backend("cuda_magic", torch.device("cpu"))
+
+
+# ---- launchers reject bad input before launching, with the numbers ----
+
+def test_launchers_validate_inputs():
+    state = _state(8, 128)
+    with pytest.raises(ValueError, match=r"expected \(\.\.\., 128\)"):
+        matmul_nf4(torch.randn(2, 64), state)
+    with pytest.raises(ValueError, match="not contiguous"):
+        matmul_nf4(torch.randn(128, 2).T, state)
+    with pytest.raises(ValueError, match="int64"):
+        matmul_nf4(torch.ones(2, 128, dtype=torch.int64), state)
+    with pytest.raises(ValueError, match="is on meta"):
+        matmul_nf4(torch.randn(2, 128, device="meta"), state)
+    short = nf4.NF4State(state.packed, state.absmax[:3], state.code, state.shape, state.dtype,
+                         state.nested_absmax, state.nested_code, state.offset)
+    with pytest.raises(ValueError, match=r"absmax has 3 values; expected ceil\(1024 / 64\) = 16"):
+        dequantize_nf4(short)
+    huge = nf4.NF4State(state.packed, state.absmax, state.code, torch.Size((2**16, 2**15)), state.dtype)
+    with pytest.raises(ValueError, match="2147483648 elements"):
+        dequantize_nf4(huge)
+    with pytest.raises(ValueError, match="expected contiguous"):
+        dequantize_nf4(state, torch.float32, out=torch.empty(128, 8).T)
+
+
+# ---- the same, compiled on the GPU, bf16 included, model-sized ----
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("nested", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(37, 129), (3072, 8192), (1, 1)])
+def test_dequantize_equals_reference_gpu(device, shape, dtype, nested):
+    state = _state(*shape, nested=nested, device=device)
+    ours, ref = dequantize_nf4(state, dtype), nf4.dequantize_nf4(state, dtype)
+    assert torch.equal(ours, ref), f"max diff {(ours.float() - ref.float()).abs().max().item()}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 2, 7, 16, 64])
+@pytest.mark.parametrize("n,k", [(1024, 3072), (37, 192), (3072, 8192), (20, 70)])
+def test_matmul_matches_reference_gpu(device, n, k, m, dtype):
+    state = _state(n, k, device=device)
+    w = nf4.dequantize_nf4(state, dtype)
+    x = torch.randn(m, k, device=device).to(dtype)
+    _assert_matmul_close(matmul_nf4(x, state), x, w, f"x @ W^T, M={m}")
+    g = torch.randn(m, n, device=device).to(dtype)
+    _assert_matmul_close(matmul_nf4_t(g, state), g, w.T, f"g @ W, M={m}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_linear_backends_agree_gpu(device, dtype):
+    lin = nf4.Linear4bit.from_weight(torch.randn(256, 512, device=device, dtype=dtype), None)
+    x0 = torch.randn(4, 33, 512, device=device, dtype=dtype)
+    results = {}
+    for name in backend.BACKENDS:
+        lin.backend = name
+        x = x0.clone().requires_grad_(True)
+        y = lin(x)
+        y.float().square().mean().backward()
+        results[name] = (y, x.grad)
+    w = nf4.dequantize_nf4(lin.state, dtype)
+    for name, (y, grad) in results.items():
+        _assert_matmul_close(y, x0, w, f"{name} forward")
+    for name in ("triton", "bnb"):
+        torch.testing.assert_close(results[name][1], results["torch"][1])  # default bf16/fp16 tolerances
