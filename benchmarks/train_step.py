@@ -1,0 +1,273 @@
+"""QLoRA training throughput and memory: minilora vs the HF transformers + peft + bitsandbytes stack.
+
+Same run, same card, same random weights at the real shapes (written once to disk in bf16 and loaded by
+both stacks through their normal loaders), same LoRA (r=16, alpha=16, no dropout, all seven block
+linears), same AdamW, same batch, bf16 autocast. Each stack runs in its own subprocess so that peak
+memory is its own. Before timing, the loss of the first batch is compared between the stacks.
+
+    python benchmarks/train_step.py                  # the full table, appended to benchmarks/RESULTS.md
+    python benchmarks/train_step.py --only llama3.2-3b --steps 4
+    python benchmarks/train_step.py --max-seq         # longest Llama-3.2-3B sequence at batch 1 within 16 GiB
+
+MFU counts the matmul FLOPs a QLoRA step needs (forward 2N, input gradients 2N, N = block linears + head,
+per token; attention and gradient-checkpoint recomputation not counted) against the card's dense bf16 peak
+(989 TFLOP/s for an H100 SXM).
+"""
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12}
+CASES = [  # (config, batch, seq, gradient checkpointing, HF baseline measured in the issue, tok/s)
+    ("llama3.2-3b", 8, 512, True),
+    ("llama3.2-3b", 8, 512, False),
+    ("qwen2.5-3b", 8, 512, True),
+    ("llama3.2-1b", 8, 512, True),
+    ("gemma-2b", 8, 512, True),
+    ("llama3.2-3b", 2, 2048, True),
+]
+
+
+def write_random_checkpoint(name, directory):
+    """Random bf16 weights at the real shapes of `name`, saved as a HF checkpoint + a stub tokenizer."""
+    if os.path.exists(os.path.join(directory, "config.json")):
+        return
+    from tokenizers import Tokenizer, models
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with open(os.path.join(HERE, "configs", f"{name}.json")) as f:
+        raw = json.load(f)
+    raw.pop("auto_map", None)
+    config = AutoConfig.for_model(**raw)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(directory, safe_serialization=True)
+    vocab = {f"t{i}": i for i in range(8)}
+    Tokenizer(models.WordLevel(vocab, unk_token="t0")).save(os.path.join(directory, "tokenizer.json"))
+    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+        json.dump({"eos_token": "t1", "bos_token": "t2", "pad_token": "t0"}, f)
+    del model
+    torch.cuda.empty_cache()
+
+
+def batch_of(vocab, batch, seq, seed):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    ids = torch.randint(3, vocab, (batch, seq), device="cuda", generator=g)
+    labels = torch.cat([ids[:, 1:], torch.full((batch, 1), -100, device="cuda")], dim=1)  # already shifted
+    return ids, labels
+
+
+def minilora_stack(directory, ckpt):
+    from minilora import load_model
+    from minilora.lora import apply_lora
+
+    torch.cuda.reset_peak_memory_stats()
+    model, _ = load_model(directory, dtype=torch.bfloat16, device="cuda", quantize="nf4")
+    load_peak = torch.cuda.max_memory_allocated()
+    apply_lora(model, r=16, alpha=16, dropout=0.0, targets=TARGETS, dtype=torch.float32)
+    model.gradient_checkpointing = ckpt
+    model.train()
+
+    def loss_fn(ids, labels):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return model.loss(ids, labels) / labels.ne(-100).sum()
+
+    return model, loss_fn, load_peak
+
+
+def hf_stack(directory, ckpt):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    torch.cuda.reset_peak_memory_stats()
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(directory, quantization_config=quant, dtype=torch.bfloat16,
+                                                 attn_implementation="sdpa", device_map={"": 0})
+    load_peak = torch.cuda.max_memory_allocated()
+    if ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS,
+                                             task_type="CAUSAL_LM"))
+    model.train()
+
+    def loss_fn(ids, labels):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = model(input_ids=ids).logits
+        return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+
+    return model, loss_fn, load_peak
+
+
+def worker(args):
+    stack = {"minilora": minilora_stack, "hf": hf_stack}[args.worker]
+    model, loss_fn, load_peak = stack(args.dir, args.ckpt == "on")
+    vocab = model.config.vocab_size
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=2e-4, fused=True)
+    ids, labels = batch_of(vocab, args.batch, args.seq, seed=1)
+    with torch.no_grad():
+        first_loss = loss_fn(*batch_of(vocab, 2, 128, seed=0)).item()
+
+    def step():
+        loss = loss_fn(ids, labels)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 0.3)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    torch.cuda.reset_peak_memory_stats()
+    for _ in range(2):
+        step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        last = step()
+    last.item()
+    torch.cuda.synchronize()
+    seconds = (time.perf_counter() - start) / args.steps
+    result = dict(stack=args.worker, first_loss=first_loss, step_s=seconds,
+                  tokens_per_s=args.batch * args.seq / seconds, peak_gib=torch.cuda.max_memory_allocated() / 2**30,
+                  load_peak_gib=load_peak / 2**30, trainable=sum(p.numel() for p in params))
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def linear_params(name):
+    with open(os.path.join(HERE, "configs", f"{name}.json")) as f:
+        c = json.load(f)
+    D, F, L, V = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["vocab_size"]
+    Dh = c.get("head_dim") or D // c["num_attention_heads"]
+    attn = D * Dh * (2 * c["num_attention_heads"] + 2 * c["num_key_value_heads"])
+    return L * (attn + 3 * D * F) + V * D
+
+
+def run_worker(stack, directory, batch, seq, ckpt, steps):
+    cmd = [sys.executable, __file__, "--worker", stack, "--dir", directory, "--batch", str(batch), "--seq", str(seq),
+           "--ckpt", "on" if ckpt else "off", "--steps", str(steps)]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    for line in out.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    tail = (out.stdout + out.stderr)[-1500:]
+    return {"stack": stack, "error": tail}
+
+
+def card():
+    name = torch.cuda.get_device_name()
+    peak = next((v for k, v in PEAK_BF16.items() if k in name), 989e12)
+    return name, peak
+
+
+def main_table(args):
+    name, peak = card()
+    rows = []
+    for model_name, batch, seq, ckpt in CASES:
+        if args.only and model_name != args.only:
+            continue
+        directory = os.path.join(args.workdir, model_name)
+        write_random_checkpoint(model_name, directory)
+        ours = run_worker("minilora", directory, batch, seq, ckpt, args.steps)
+        hf = run_worker("hf", directory, batch, seq, ckpt, args.steps)
+        row = dict(model=model_name, batch=batch, seq=seq, ckpt=ckpt, minilora=ours, hf=hf)
+        if "error" not in ours and "error" not in hf:
+            row["loss_agree"] = abs(ours["first_loss"] - hf["first_loss"]) <= 0.02 * abs(hf["first_loss"])
+            row["speedup"] = ours["tokens_per_s"] / hf["tokens_per_s"]
+            row["memory_ratio"] = ours["peak_gib"] / hf["peak_gib"]
+            row["mfu"] = ours["tokens_per_s"] * 4 * linear_params(model_name) / peak
+            row["mfu_hf"] = hf["tokens_per_s"] * 4 * linear_params(model_name) / peak
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return name, rows
+
+
+def max_sequence(args):
+    """Longest Llama-3.2-3B sequence that trains at batch 1 with peak memory within 16 GiB."""
+    directory = os.path.join(args.workdir, "llama3.2-3b")
+    write_random_checkpoint("llama3.2-3b", directory)
+    best, tried = None, []
+    for seq in (8192, 16384, 24576, 32768, 49152, 65536):
+        r = run_worker("minilora", directory, 1, seq, True, 1)
+        tried.append((seq, r.get("peak_gib"), "error" in r))
+        if "error" in r or r["peak_gib"] > 16:
+            break
+        best = (seq, r["peak_gib"], r["tokens_per_s"])
+    return best, tried
+
+
+def render(name, rows, max_seq, versions):
+    today = datetime.date.today().isoformat()
+    lines = [f"## Training step: minilora vs HF transformers + peft + bitsandbytes ({today})", "",
+             f"Card: {name}. {versions}. Command: `python benchmarks/train_step.py`. Random weights at the real "
+             "shapes, LoRA r=16 on all seven block linears, AdamW (fused), bf16 autocast, SDPA attention, each "
+             "stack in its own process; the first-batch loss of both stacks is compared before timing.", "",
+             "| model | batch × seq | grad ckpt | minilora tok/s | HF tok/s | speedup | minilora peak GiB | HF peak GiB | memory ratio | MFU minilora / HF | losses agree |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---|---|"]
+    for r in rows:
+        o, h = r["minilora"], r["hf"]
+        if "speedup" not in r:
+            lines.append(f"| {r['model']} | {r['batch']} × {r['seq']} | {'on' if r['ckpt'] else 'off'} | error | error | | | | | | |")
+            continue
+        lines.append(f"| {r['model']} | {r['batch']} × {r['seq']} | {'on' if r['ckpt'] else 'off'} | "
+                     f"{o['tokens_per_s']:,.0f} | {h['tokens_per_s']:,.0f} | {r['speedup']:.2f}× | {o['peak_gib']:.1f} | "
+                     f"{h['peak_gib']:.1f} | {r['memory_ratio']:.2f} | {100 * r['mfu']:.0f}% / {100 * r['mfu_hf']:.0f}% | "
+                     f"{'yes' if r['loss_agree'] else 'NO'} ({o['first_loss']:.3f} vs {h['first_loss']:.3f}) |")
+    loads = [f"{r['model']}: {r['minilora']['load_peak_gib']:.2f} GiB (HF {r['hf']['load_peak_gib']:.2f})"
+             for r in rows if "speedup" in r and r["ckpt"] and r["batch"] == 8]
+    if loads:
+        lines += ["", "Peak GPU memory while loading + quantizing to NF4: " + "; ".join(loads) + "."]
+    if max_seq is not None:
+        best, tried = max_seq
+        lines += ["", f"Longest Llama-3.2-3B sequence at batch 1 within 16 GiB (gradient checkpointing on): "
+                  + (f"{best[0]:,} tokens ({best[1]:.1f} GiB, {best[2]:,.0f} tok/s)" if best else "none of the tried lengths")
+                  + f". Tried: {', '.join(f'{s}: ' + ('error/OOM' if e else f'{p:.1f} GiB') for s, p, e in tried)}."]
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--worker", choices=["minilora", "hf"])
+    parser.add_argument("--dir")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--ckpt", choices=["on", "off"], default="on")
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--only")
+    parser.add_argument("--max-seq", action="store_true")
+    parser.add_argument("--no-table", action="store_true")
+    parser.add_argument("--workdir", default="/tmp/minilora-bench")
+    parser.add_argument("--results", default=os.path.join(HERE, "RESULTS.md"))
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args)
+    import peft
+    import transformers
+
+    try:
+        import bitsandbytes
+        bnb_version = bitsandbytes.__version__
+    except ImportError:
+        bnb_version = "absent"
+    versions = (f"torch {torch.__version__}, triton {__import__('triton').__version__}, transformers "
+                f"{transformers.__version__}, peft {peft.__version__}, bitsandbytes {bnb_version}")
+    name, rows = main_table(args) if not args.no_table else (card()[0], [])
+    max_seq = max_sequence(args) if args.max_seq else None
+    text = render(name, rows, max_seq, versions)
+    print(text)
+    with open(args.results, "a") as f:
+        f.write("\n" + text)
+
+
+if __name__ == "__main__":
+    main()
