@@ -15,6 +15,8 @@ is a categorical sample without a GPU->CPU sync (gpt-fast). temperature=0 is gre
 `torch.Generator` a run is reproducible for the same batch composition; draws depend on how prompts are
 batched, greedy output does not.
 """
+import time
+
 import torch
 
 from .model import KVCache
@@ -248,13 +250,16 @@ def cut_at_stop_strings(text, stop_strings):
 
 
 def generate_text(model, tokenizer, prompts, max_new_tokens, *, batch_size=16, temperature=0.0, top_p=1.0,
-                  generator=None, stop_strings=(), use_graph="auto", add_special_tokens=True, progress=None):
+                  generator=None, stop_strings=(), use_graph="auto", add_special_tokens=True, progress=None,
+                  stats=None):
     """Completions (str) for prompt strings, batched by similar length, returned in the prompts' order.
 
     Prompts are encoded as training encodes them (with the tokenizer's BOS); generation stops at the
     tokenizer's stop ids, at `stop_strings` (cut from the text) or after `max_new_tokens`. `progress`, if
-    given, is called with the number of prompts finished after each batch.
+    given, is called with the number of prompts finished after each batch; `stats`, a dict, receives
+    `new_tokens` (generated, stop tokens excluded) and `seconds`.
     """
+    started, new_tokens = time.perf_counter(), 0
     encoded = tokenizer.encode_batch(list(prompts), add_special_tokens=add_special_tokens)
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths, little padding
     completions = [None] * len(encoded)
@@ -268,6 +273,9 @@ def generate_text(model, tokenizer, prompts, max_new_tokens, *, batch_size=16, t
                        tokenizer=tokenizer, pad_id=tokenizer.pad_id, use_graph=use_graph, decoder=decoder)
         for i, new in zip(batch, ids):
             completions[i] = cut_at_stop_strings(tokenizer.decode(new), stop_strings)
+            new_tokens += len(new)
         if progress is not None:
             progress(len(batch))
+    if stats is not None:
+        stats.update(new_tokens=new_tokens, seconds=time.perf_counter() - started)
     return completions

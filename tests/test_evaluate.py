@@ -1,0 +1,147 @@
+"""evaluate.py end to end on a tiny random checkpoint, against independent references.
+
+- predictions: transformers' greedy `generate` on the same Alpaca prompts (and peft for an adapter);
+- scores: rouge-score's RougeScorer called directly on the written predictions;
+- the rows scored: exactly the test side of `split_records` with the training run's fraction and seed;
+- pass@k: problems whose tests pass (or fail) whatever the model writes, so the expected value is known.
+"""
+import json
+import os
+
+import pytest
+import torch
+
+import evaluate
+from minilora.data import format_prompt, load_records, split_records
+from tiny import make_checkpoint
+
+RECORDS = [{"instruction": f"Write a function number {i} that adds {i} to x.", "input": "" if i % 3 else f"x = {i}",
+            "output": f"def f{i}(x):\n    return x + {i}"} for i in range(30)]
+RECORDS[7]["output"] = ""  # an empty reference: skipped and counted, never scored
+NEW = 8
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    hf = make_checkpoint("llama", root / "model", seed=21)
+    data = root / "data.json"
+    data.write_text(json.dumps(RECORDS))
+    return root, hf, str(root / "model"), str(data)
+
+
+def _run(*argv):
+    return evaluate.main([*map(str, argv), "--no-progress", "--quantize", "none", "--max-new-tokens", str(NEW)])
+
+
+def _read(out):
+    with open(os.path.join(out, "summary.json")) as f:
+        summary = json.load(f)
+    with open(os.path.join(out, "predictions.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return summary, rows
+
+
+def _hf_greedy_text(hf, tok, record):
+    ids = tok.encode(format_prompt(record), add_special_tokens=True)
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([ids]), max_new_tokens=NEW, do_sample=False, pad_token_id=0,
+                          eos_token_id=tok.stop_ids)[0, len(ids):].tolist()
+    out = out[:next((i for i, t in enumerate(out) if t in tok.stop_ids), len(out))]
+    return tok.decode(out).strip()
+
+
+def test_rouge_run_matches_independent_references(setup, tmp_path, capsys):
+    from rouge_score import rouge_scorer
+
+    from minilora.tokenizer import load_tokenizer
+
+    root, hf, model, data = setup
+    out = tmp_path / "out"
+    assert _run("--model", model, "--data", data, "--split", "test", "--test-fraction", "0.3", "--split-seed", "5",
+                "--out", out, "--batch-size", "3") == 0
+    summary, rows = _read(out)
+    table = capsys.readouterr().out
+    assert "ROUGE-L" in table and table == (out / "summary.md").read_text()
+
+    _, test = split_records(load_records(data), test_fraction=0.3, seed=5)
+    expected_rows = [r for r in test if r["output"]]
+    assert summary["skipped_empty_reference"] == len(test) - len(expected_rows)
+    assert [(r["instruction"], r["reference"]) for r in rows] == [(r["instruction"], r["output"]) for r in expected_rows]
+    assert summary["n"] == len(rows) == len(expected_rows)
+    assert (summary["split_seed"], summary["test_fraction"], summary["model"]) == (5, 0.3, model)
+
+    tok = load_tokenizer(model)
+    assert [r["prediction"] for r in rows] == [_hf_greedy_text(hf, tok, r) for r in expected_rows]
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    f1 = [scorer.score(r["reference"], r["prediction"])["rougeL"].fmeasure for r in rows]
+    assert summary["rouge_l"] == pytest.approx(sum(f1) / len(f1), abs=1e-12)
+    assert 0.0 <= summary["rouge_l_code"] <= 1.0
+
+
+def test_adapter_run_uses_its_training_split_and_matches_peft(setup, tmp_path):
+    from peft import PeftModel
+
+    from minilora import load_model
+    from minilora.lora import apply_lora, lora_parameters, save_adapter
+    from minilora.tokenizer import load_tokenizer
+
+    root, hf, model, data = setup
+    base, _ = load_model(model)
+    apply_lora(base, r=4, alpha=8.0, targets=("q_proj", "v_proj", "down_proj"))
+    with torch.no_grad():
+        for name, p in lora_parameters(base).items():
+            p.normal_(0, 0.5)  # a visible change of the outputs
+    run = tmp_path / "run"
+    save_adapter(base, str(run / "adapter"))
+    (run / "train_config.json").write_text(json.dumps({"data": data, "test_fraction": 0.2, "split_seed": 3}))
+    out = tmp_path / "out"
+    assert _run("--model", model, "--adapter", run / "adapter", "--out", out, "--limit", "3") == 0
+    summary, rows = _read(out)
+    assert (summary["data"], summary["test_fraction"], summary["split_seed"]) == (data, 0.2, 3)
+    _, test = split_records(load_records(data), test_fraction=0.2, seed=3)
+    expected = [r for r in test if r["output"]][:3]
+    assert [r["instruction"] for r in rows] == [r["instruction"] for r in expected]
+    peft_model = PeftModel.from_pretrained(hf, str(run / "adapter")).eval()
+    tok = load_tokenizer(model)
+    try:
+        assert [r["prediction"] for r in rows] == [_hf_greedy_text(peft_model, tok, r) for r in expected]
+        with peft_model.disable_adapter():  # the adapter really changed the answers
+            untuned = [_hf_greedy_text(peft_model, tok, r) for r in expected]
+        assert [r["prediction"] for r in rows] != untuned
+    finally:
+        peft_model.unload()  # the module-scoped hf model is shared with other tests
+
+
+# Problems whose verdict does not depend on the completion: the completion lands inside a string literal.
+ALWAYS = {"task_id": "always", "prompt": 'def f():\n    return 1\n_ = """', "test": '"""\ndef check(fn):\n    assert fn() == 1\n',
+          "entry_point": "f"}
+NEVER = {"task_id": "never", "prompt": 'def g():\n    return 1\n_ = """', "test": '"""\ndef check(fn):\n    assert fn() == 2\n',
+         "entry_point": "g"}
+MBPP_ALWAYS = {"task_id": 3, "text": "Return one.", "test_setup_code": 'def one():\n    return 1\n_ = """',
+               "test_list": ['"""\nassert one() == 1']}
+
+
+@pytest.mark.parametrize("samples, pass_at, temperature", [(0, 1, 0.0), (3, 2, 1.0)])
+def test_pass_at_k_run(setup, tmp_path, samples, pass_at, temperature):
+    root, hf, model, data = setup
+    problems = tmp_path / "problems.jsonl"
+    problems.write_text("".join(json.dumps(p) + "\n" for p in (ALWAYS, NEVER, MBPP_ALWAYS)))
+    out = tmp_path / "out"
+    assert _run("--model", model, "--problems", problems, "--pass-at", pass_at, "--samples", samples,
+                "--temperature", temperature, "--out", out, "--exec-timeout-s", "10") == 0
+    summary, rows = _read(out)
+    n = samples or 1
+    assert summary[f"pass@{pass_at}"] == pytest.approx(2 / 3)
+    assert summary["n"] == 3 and summary["samples_per_problem"] == n and len(rows) == 3 * n
+    assert [r["status"] for r in rows] == ["passed"] * n + ["failed"] * n + ["passed"] * n
+
+
+def test_bad_settings_are_clear_errors(setup, tmp_path, capsys):
+    root, hf, model, data = setup
+    problems = tmp_path / "p.jsonl"
+    problems.write_text(json.dumps(ALWAYS) + "\n")
+    assert _run("--model", model, "--problems", problems, "--samples", "3", "--out", tmp_path / "o") == 1
+    assert "--samples=3" in capsys.readouterr().err
+    assert _run("--model", model, "--data", tmp_path / "missing.json", "--out", tmp_path / "o") == 1
+    assert "missing.json" in capsys.readouterr().err
