@@ -238,13 +238,18 @@ def _read_safetensors(path):
         return load_safetensors_bytes(f.read())
 
 
-def load_checkpoint(path, model, optimizer):
-    """Restore adapter, optimizer and RNG states from checkpoint `path`; returns its state.json dict."""
+def read_state(path):
+    """state.json of checkpoint `path` (to check a resume before any tensor is loaded)."""
     problem = verify_checkpoint(path)
     if problem is not None:
         raise ResumeError(f"checkpoint {path} cannot be resumed from: {problem}.")
     with open(os.path.join(path, STATE), encoding="utf-8") as f:
-        state = json.load(f)
+        return json.load(f)
+
+
+def load_checkpoint(path, model, optimizer):
+    """Restore adapter, optimizer and RNG states from checkpoint `path`; returns its state.json dict."""
+    state = read_state(path)
     adapter = _read_safetensors(os.path.join(path, ADAPTER_WEIGHTS))
     params = lora_parameters(model)
     expected = {f"{PEFT_PREFIX}{name}.weight": p for name, p in params.items()}

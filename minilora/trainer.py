@@ -28,9 +28,8 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import latest_checkpoint, load_checkpoint, read_state, save_checkpoint
 from .config import TrainConfig
 from .errors import ConfigError, NonFiniteError, ResumeError
 from .lora import apply_lora, check_finite, lora_parameters, save_adapter
@@ -109,14 +108,13 @@ def token_loss_sum(model, batch, packed):
     labels are already shifted (data.py): labels[t] is the target of position t. Unpacked right-padded
     rows need no positions/segments: causal order already hides the padding on the right, and leaving
     them out keeps SDPA's fast causal path. Packed rows pass both so examples do not see each other.
+    `Transformer.loss` uses the fused linear + cross-entropy kernel on CUDA (no (tokens x V) logits).
     """
-    if packed:
-        hidden = model.hidden_states(batch["input_ids"], batch["positions"], batch["segments"])
-    else:
-        hidden = model.hidden_states(batch["input_ids"])
     labels = batch["labels"]
-    logits = model.logits(hidden)  # (B, T, V) fp32; kernels/cross_entropy.py can fuse this with the loss
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum")
+    if packed:
+        loss = model.loss(batch["input_ids"], labels, batch["positions"], batch["segments"])
+    else:
+        loss = model.loss(batch["input_ids"], labels)
     return loss, int((labels != -100).sum())
 
 
@@ -288,9 +286,9 @@ def train(config: TrainConfig):
         path = latest_checkpoint(ckpt_root)
         if path is None:
             raise ResumeError(f"--resume: no complete checkpoint in {ckpt_root}. Start without --resume.")
-        saved = load_checkpoint(path, model, optimizer)  # also restores every RNG
         manifest_base = json.load(open(manifest_path)).get("base_sha256") if os.path.exists(manifest_path) else None
-        _check_resume(config, saved, manifest_base, base_hashes, data_fingerprint)
+        _check_resume(config, read_state(path), manifest_base, base_hashes, data_fingerprint)
+        saved = load_checkpoint(path, model, optimizer)  # also restores every RNG
         state = TrainState(**saved["train_state"])
         log.info("resumed from %s at step %d (epoch %d, batch %d)", path, state.step, state.epoch, state.batch_in_epoch)
     else:
