@@ -4,7 +4,7 @@ Layout (RELIABILITY.md §3.1: llm.c's DONE marker plus HF's file split, no pickl
 
   OUT/checkpoints/step_000200/
     adapter_config.json, adapter_model.safetensors   the LoRA adapter in PEFT format (loadable as is)
-    optimizer.safetensors    optimizer tensors, flattened as "state.<param index>.<name>"
+    optimizer.safetensors    optimizer tensors, flattened as "state/<param index>/<name>"
     rng.safetensors          torch CPU RNG, one CUDA RNG per device, numpy's MT19937 key
     state.json               step, data cursor, optimizer param groups and scalars, python RNG, config
     COMPLETE                 written last: sha256 of every file above
@@ -85,25 +85,34 @@ def _pause_for(step):
 # --------------------------------------------------------------------------------- state to tensors
 
 def _flatten_optimizer(state_dict):
-    """(tensors, json_part) of a torch optimizer state_dict: tensors by "state.<idx>.<name>", the rest JSON."""
+    """(tensors, json_part) of an optimizer state_dict: tensors keyed "state/<param index>/<name>[/<name>...]"
+    (bitsandbytes nests its 8-bit state one dict down), everything else in the JSON part."""
     tensors, scalars = {}, {}
+
+    def walk(prefix, value):
+        if torch.is_tensor(value):
+            tensors[prefix] = value.detach().cpu().clone()  # own storage: bitsandbytes shares its qmaps
+        elif isinstance(value, dict):
+            for name, item in value.items():
+                if "/" in str(name):
+                    raise CheckpointError(f"optimizer state key {name!r} contains '/', which checkpoints reserve.")
+                walk(f"{prefix}/{name}", item)
+        else:
+            scalars[prefix] = value
+
     for idx, per_param in state_dict["state"].items():
-        for name, value in per_param.items():
-            if torch.is_tensor(value):
-                tensors[f"state.{idx}.{name}"] = value.detach().cpu().contiguous()
-            else:
-                scalars[f"{idx}.{name}"] = value
+        walk(f"state/{idx}", per_param)
     return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
 
 
 def _unflatten_optimizer(tensors, json_part):
     state = {}
-    for key, value in tensors.items():
-        _, idx, name = key.split(".", 2)
-        state.setdefault(int(idx), {})[name] = value
-    for key, value in json_part["scalars"].items():
-        idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = value
+    for key, value in [*tensors.items(), *json_part["scalars"].items()]:
+        _, idx, *path = key.split("/")
+        node = state.setdefault(int(idx), {})
+        for name in path[:-1]:
+            node = node.setdefault(name, {})
+        node[path[-1]] = value
     return {"state": state, "param_groups": json_part["param_groups"]}
 
 
@@ -132,6 +141,24 @@ def set_rng_state(tensors, json_part):
 
 
 # ------------------------------------------------------------------------------------------- save
+
+def estimate_checkpoint_bytes(model, optimizer_slots=2):
+    """Adapter plus `optimizer_slots` fp32 moments per adapter element (AdamW: 2), plus 1 MiB of small files."""
+    n = sum(t.numel() for t in lora_parameters(model).values())
+    return n * 4 * (1 + optimizer_slots) + (1 << 20)
+
+
+def check_disk_space(root, needed_bytes):
+    """CheckpointError before training if `root`'s disk cannot hold `needed_bytes` (RELIABILITY E2)."""
+    probe = root
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe) or "."
+    free = shutil.disk_usage(probe).free
+    if free < needed_bytes:
+        raise CheckpointError(f"not enough disk for checkpoints in {root}: {free / 2**20:.1f} MiB free, need "
+                              f"~{needed_bytes / 2**20:.1f} MiB (two checkpoints plus the final adapter). "
+                              "Free space or choose another --out.")
+
 
 def step_dir_name(step):
     return f"step_{step:06d}"

@@ -29,7 +29,7 @@ import time
 import numpy as np
 import torch
 
-from .checkpoint import latest_checkpoint, load_checkpoint, read_state, save_checkpoint
+from .checkpoint import check_disk_space, estimate_checkpoint_bytes, latest_checkpoint, load_checkpoint, read_state, save_checkpoint
 from .config import TrainConfig
 from .errors import ConfigError, NonFiniteError, ResumeError
 from .lora import apply_lora, check_finite, lora_parameters, save_adapter
@@ -275,6 +275,7 @@ def train(config: TrainConfig):
                        pack=config.pack)
     accum = config.grad_accum_steps
     total_steps = config.max_steps or sum(math.ceil(order.num_batches(e) / accum) for e in range(config.epochs))
+    check_disk_space(out, 3 * estimate_checkpoint_bytes(model))  # keep_last=2 while a third is written
     data_fingerprint = fingerprint(train_examples)
     base_hashes = file_sha256s(base_dir)
 

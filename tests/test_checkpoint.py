@@ -9,6 +9,7 @@ import errno
 import json
 import os
 import random
+from collections import namedtuple
 
 import numpy as np
 import pytest
@@ -18,6 +19,8 @@ from torch import nn
 from minilora import checkpoint as ckpt
 from minilora.errors import CheckpointError, NonFiniteError, ResumeError
 from minilora.lora import apply_lora, lora_parameters
+
+shutil_usage = namedtuple("usage", "total used free")
 
 
 class Tiny(nn.Module):
@@ -153,3 +156,37 @@ def test_non_finite_adapter_is_never_saved(tmp_path):
         _save(tmp_path, 2, model, opt)
     assert os.listdir(tmp_path) == ["step_000001"]
     assert open(os.path.join(previous, "adapter_model.safetensors"), "rb").read() == before
+
+
+def test_preflight_disk_check_names_the_numbers(tmp_path, monkeypatch):
+    """E2: less free space than the checkpoints need refuses to start, with the numbers."""
+    model, _ = _trained(steps=0)
+    need = ckpt.estimate_checkpoint_bytes(model)
+    n = sum(p.numel() for p in lora_parameters(model).values())
+    assert need == 12 * n + (1 << 20)  # adapter + two AdamW moments in fp32, plus small files
+    ckpt.check_disk_space(str(tmp_path / "not" / "yet"), need)  # a path that does not exist yet is fine
+    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda path: shutil_usage(total=10 << 20, used=10 << 20, free=1 << 19))
+    with pytest.raises(CheckpointError, match=r"0\.5 MiB free, need ~"):
+        ckpt.check_disk_space(str(tmp_path), need)
+
+
+def test_bitsandbytes_8bit_optimizer_state_round_trips(tmp_path):
+    """bitsandbytes nests its quantized moments in a dict; they must come back bit for bit."""
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    model = apply_lora(Tiny(), r=3, alpha=6, targets=("q_proj", "down_proj"))
+    params = list(lora_parameters(model).values())
+    opt = bnb.optim.AdamW8bit(params, lr=1e-2, min_8bit_size=1)  # 8-bit even for these small tensors
+    model(torch.randn(5, 12)).pow(2).mean().backward()
+    opt.step()
+    path = _save(tmp_path, 1, model, opt)
+    fresh_opt = bnb.optim.AdamW8bit(params, lr=1e-2, min_8bit_size=1)
+    ckpt.load_checkpoint(path, model, fresh_opt)
+
+    def flat(o):
+        return ckpt._flatten_optimizer(o.state_dict())
+
+    (a, a_json), (b, b_json) = flat(opt), flat(fresh_opt)
+    assert any(t.dtype == torch.uint8 for t in a.values()), "expected 8-bit moments"
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert a_json["scalars"] == b_json["scalars"]
