@@ -49,8 +49,10 @@ def _absmax(block, mask, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_
     if NESTED:
         qabs = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
         nested = tl.load(nested_absmax_ptr + block // NESTED_BLOCKSIZE, mask=mask, other=0.0)
-        return tl.load(nested_code_ptr + qabs) * nested + tl.load(offset_ptr)
-    return tl.load(absmax_ptr + block, mask=mask, other=0.0)
+        absmax = tl.load(nested_code_ptr + qabs) * nested + tl.load(offset_ptr)
+    else:
+        absmax = tl.load(absmax_ptr + block, mask=mask, other=0.0)
+    return absmax
 
 
 def check_state(state: NF4State, device: torch.device, who: str) -> None:

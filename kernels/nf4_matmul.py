@@ -2,15 +2,17 @@
 
 Reference (plain torch, below): `matmul_nf4_reference` = F.linear(x, dequantize_nf4(W)).
 Two paths, picked by the number of rows M of x:
-  - M <= SMALL_M (decoding): one fused kernel reads each packed byte once, dequantizes it in registers
-    and multiplies. A byte holds W[n, k] (high nibble) and W[n, k+1] (low), so x is read as its even and
-    odd columns: y[m, n] = sum_j code[hi]*s*x[m, 2j] + code[lo]*s*x[m, 2j+1]. The weight is streamed as
-    (BLOCK_N rows) x (BLOCK_K // 64 absmax groups) x 32 bytes; for one row of x the scale is applied
-    after summing each 64-group (one multiply per group), for up to 16 rows the dequantized tile goes
-    through tl.dot. Needs K % 64 == 0 (every Llama/Qwen/Gemma/Phi width is), else the large-M path.
+  - M <= SMALL_M (decoding): one fused GEMV kernel reads each packed byte once and dequantizes it in
+    registers. A byte holds W[n, 2j] (high nibble) and W[n, 2j+1] (low), so x is read as its even and
+    odd columns: y[m, n] = sum_groups s[n, group] * sum_j (code[hi] x[m, 2j] + code[lo] x[m, 2j+1]).
+    The weight streams as (BLOCK_N rows) x (BLOCK_K // 64 absmax groups) x 32 bytes; the scale is
+    applied once per 64-group, after its sum. One program per (BLOCK_N rows, row of x): for M > 1 the
+    weight is re-read from L2. Needs K % 64 == 0 (every Llama/Qwen/Gemma/Phi width is), else large-M.
   - larger M: dequantize W into a buffer reused across calls (`kernels/nf4_dequant.py`), then cuBLAS.
     The buffer is per (shape, dtype, device) and only read by the matmul that follows on the same
     stream, so reuse is safe; it is never returned or saved for backward.
+  A tl.dot variant of the fused kernel for 2..16 rows was 3-8x slower than dequant + cuBLAS on an
+  H100 (benchmarks/RESULTS.md) and was removed.
 g @ W (backward) always takes the dequant + cuBLAS path: training has large M.
 Test: tests/test_nf4_kernels.py. Benchmark: benchmarks/kernels.py (numbers in benchmarks/RESULTS.md).
 """
@@ -27,21 +29,16 @@ from kernels.nf4_dequant import _absmax, check_state, dequantize_nf4, nested_arg
 from minilora.nf4 import NF4State
 from minilora.nf4 import dequantize_nf4 as dequantize_nf4_reference
 
-SMALL_M = 16  # up to this many rows use the fused kernel (chosen from benchmarks/kernels.py on an H100)
+SMALL_M = 4  # up to this many rows use the fused GEMV (benchmarks/kernels.py, H100)
 
-# Autotune space, tried on an H100 80GB at Llama-3.2-3B shapes; the CPU interpreter gets one small config.
+# Autotune space for an H100 80GB at Llama-3.2-3B shapes; the CPU interpreter gets one small config.
 if os.environ.get("TRITON_INTERPRET") == "1":
     _CONFIGS = [triton.Config({"BLOCK_N": 16, "BLOCK_K": 128})]
 else:
     _CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-                for n, k, w, s in [(4, 512, 4, 3), (4, 1024, 4, 2), (8, 512, 4, 3), (8, 1024, 8, 2),
-                                   (16, 256, 4, 3), (16, 512, 4, 3), (16, 512, 8, 3), (32, 256, 4, 3),
-                                   (32, 512, 8, 2), (64, 256, 8, 2)]]
-
-
-def _prune(configs, named_args, **kwargs):
-    # tl.dot needs at least 16 columns; the one-row path takes any BLOCK_N
-    return [c for c in configs if named_args["BLOCK_M"] == 1 or c.kwargs["BLOCK_N"] >= 16]
+                for n, k, w, s in [(2, 1024, 4, 3), (4, 512, 4, 3), (4, 1024, 4, 3), (8, 512, 4, 3),
+                                   (8, 1024, 8, 3), (16, 256, 4, 4), (16, 512, 8, 3), (32, 256, 8, 3),
+                                   (4, 2048, 8, 2), (8, 256, 4, 4)]]
 
 
 def matmul_nf4_reference(x: torch.Tensor, state: NF4State) -> torch.Tensor:
@@ -54,44 +51,34 @@ def matmul_nf4_t_reference(g: torch.Tensor, state: NF4State) -> torch.Tensor:
     return g @ dequantize_nf4_reference(state, g.dtype)
 
 
-@triton.autotune(configs=_CONFIGS, key=["N", "K", "BLOCK_M"], prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_CONFIGS, key=["N", "K"])
 @triton.jit
 def _matmul_nf4_small_m_kernel(x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
-                               code_ptr, out_ptr, M, N, K, stride_xm, stride_om,
-                               NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, BLOCK_M: tl.constexpr,
-                               DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                               code_ptr, out_ptr, N, K, stride_xm, stride_om,
+                               NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
+                               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     GROUPS: tl.constexpr = BLOCK_K // 64  # absmax groups of 64 columns (32 bytes) per step
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    x_row = x_ptr + tl.program_id(1) * stride_xm
     g = tl.arange(0, GROUPS)
-    n_mask, m_mask = n < N, m < M
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    i = tl.arange(0, 32)
+    n_mask = n < N
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         group = k0 // 64 + g  # (GROUPS,) absmax group within the row
         g_mask = group < K // 64
-        byte = n[:, None, None] * (K // 2) + group[None, :, None] * 32 + tl.arange(0, 32)[None, None, :]
+        byte = n[:, None, None] * (K // 2) + group[None, :, None] * 32 + i[None, None, :]
         q = tl.load(packed_ptr + byte, mask=n_mask[:, None, None] & g_mask[None, :, None], other=0).to(tl.int32)
         scale = _absmax(n[:, None] * (K // 64) + group[None, :], n_mask[:, None] & g_mask[None, :],
                         absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, NESTED, NESTED_BLOCKSIZE)
+        even = group[:, None] * 64 + 2 * i[None, :]  # (GROUPS, 32) columns 2j, paired with the high nibbles
+        x_even = tl.load(x_row + even, mask=g_mask[:, None], other=0.0).to(tl.float32)
+        x_odd = tl.load(x_row + even + 1, mask=g_mask[:, None], other=0.0).to(tl.float32)
         high = tl.load(code_ptr + (q >> 4))  # (BLOCK_N, GROUPS, 32): W[n, 2j] / scale
         low = tl.load(code_ptr + (q & 15))  # W[n, 2j + 1] / scale
-        # x's columns of this step, contiguous, split into even (pairs with high) and odd (with low)
-        column = group[:, None] * 64 + tl.arange(0, 64)[None, :]  # (GROUPS, 64)
-        x_tile = tl.load(x_ptr + m[:, None, None] * stride_xm + column[None, :, :],
-                         mask=m_mask[:, None, None] & g_mask[None, :, None], other=0.0)  # (BLOCK_M, GROUPS, 64)
-        x_even, x_odd = tl.split(tl.reshape(x_tile, (BLOCK_M, GROUPS, 32, 2)))
-        if BLOCK_M == 1:  # one row: sum each 64-group, then scale it (one multiply per group)
-            x_even = tl.reshape(x_even, (GROUPS, 32)).to(tl.float32)
-            x_odd = tl.reshape(x_odd, (GROUPS, 32)).to(tl.float32)
-            per_group = tl.sum(high * x_even[None, :, :] + low * x_odd[None, :, :], axis=2)  # (BLOCK_N, GROUPS)
-            acc += tl.sum(per_group * scale, axis=1)[None, :]
-        else:  # up to 16 rows: scale the tile, tensor cores
-            w_even = tl.reshape((high * scale[:, :, None]).to(x_ptr.dtype.element_ty), (BLOCK_N, GROUPS * 32))
-            w_odd = tl.reshape((low * scale[:, :, None]).to(x_ptr.dtype.element_ty), (BLOCK_N, GROUPS * 32))
-            acc += tl.dot(tl.reshape(x_even, (BLOCK_M, GROUPS * 32)), tl.trans(w_even), input_precision=DOT_PRECISION)
-            acc += tl.dot(tl.reshape(x_odd, (BLOCK_M, GROUPS * 32)), tl.trans(w_odd), input_precision=DOT_PRECISION)
-    out = out_ptr + m[:, None] * stride_om + n[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+        per_group = tl.sum(high * x_even[None, :, :] + low * x_odd[None, :, :], axis=2)  # (BLOCK_N, GROUPS)
+        acc += tl.sum(per_group * scale, axis=1)
+    tl.store(out_ptr + tl.program_id(1) * stride_om + n, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
 
 
 _buffers: dict[tuple, torch.Tensor] = {}
@@ -128,12 +115,10 @@ def matmul_nf4(x: torch.Tensor, state: NF4State) -> torch.Tensor:
     if M > SMALL_M or K % 64 != 0 or M == 0:
         return F.linear(x, _dequantize_into_buffer(state, x.dtype))
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    block_m = 1 if M <= 2 else 16  # one row per program below 3 rows, else tensor cores
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, block_m))  # noqa: E731
-    _matmul_nf4_small_m_kernel[grid](x2, state.packed, *nested_args(state), state.code, out, M, N, K,
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), M)  # noqa: E731
+    _matmul_nf4_small_m_kernel[grid](x2, state.packed, *nested_args(state), state.code, out, N, K,
                                      x2.stride(0), out.stride(0), NESTED=state.nested,
-                                     NESTED_BLOCKSIZE=state.nested_blocksize, BLOCK_M=block_m,
-                                     DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32")  # fp32 stays fp32
+                                     NESTED_BLOCKSIZE=state.nested_blocksize)
     return out.reshape(*x.shape[:-1], N)
 
 

@@ -104,8 +104,8 @@ class NF4State:
                         self.blocksize, self.nested_blocksize)
 
 
-# bitsandbytes on CUDA normalises by multiplying with 1/absmax and sends a value exactly on a midpoint
-# up; its CPU code divides (8-bit) and sends ties down. We copy the device we run on.
+# bitsandbytes' CUDA kernels and its CPU code (torch for 4-bit, a C lookup table for 8-bit) round a few
+# corner cases differently; we copy the device the tensor is on.
 def _bnb_cuda(t: torch.Tensor) -> bool:
     return t.device.type == "cuda"
 
@@ -132,7 +132,7 @@ def _quantize_4bit_indices(flat: torch.Tensor, blocksize: int) -> tuple[torch.Te
             absmax[-1] = absmax[-1].clamp(min=1e-38)
         scaled = torch.clamp(flat * (1.0 / scale.clamp(min=1e-38)), -1, 1)
     midpoints = (nf4_code(flat.device)[:-1] + nf4_code(flat.device)[1:]) / 2  # == bnb's CUDA constants
-    q = torch.bucketize(scaled, midpoints, right=_bnb_cuda(flat))  # right=True: a tie goes up
+    q = torch.bucketize(scaled, midpoints)  # a value exactly on a midpoint goes down, as in bitsandbytes
     if _bnb_cuda(flat):
         q = torch.where(scaled.isnan(), 0, q)
     return q.to(torch.uint8), absmax

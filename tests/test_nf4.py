@@ -76,12 +76,51 @@ def test_nested_quantization_on_many_blocks():
     _check_against_bnb(torch.randn(3000, 4096) * 0.02, True)
 
 
+def _assert_equal_except_near_ties(ours, theirs, scaled, midpoints, what):
+    """Equal, except where the value being rounded lies within 2 fp32 ulps of a rounding threshold:
+    there bitsandbytes' CUDA build (fast math: an approximate 1/absmax, and ties that do not always go
+    the same way) may pick the neighbouring code. Measured on an H100: 5 of 100M 4-bit values
+    (fp32 weights), 1 of 1.5M 8-bit absmax values."""
+    diff = (ours != theirs).nonzero().flatten()
+    if diff.numel() == 0:
+        return
+    gap = (scaled[diff, None] - midpoints[None, :]).abs().min(dim=1).values
+    near = gap <= 2 * torch.finfo(torch.float32).eps * scaled[diff].abs().clamp(min=1e-30)
+    step = (ours[diff].long() - theirs[diff].long()).abs()
+    assert near.all() and (step == 1).all() and diff.numel() <= 1e-5 * ours.numel() + 1, (
+        f"{what}: {diff.numel()} of {ours.numel()} differ; not near a threshold: {int((~near).sum())}, "
+        f"more than one code apart: {int((step > 1).sum())}, first at {diff[0].item()}")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("compress_statistics", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES + [(3072, 8192)])
-def test_quantize_bit_identical_to_bitsandbytes_cuda(device, shape, dtype, compress_statistics):
-    _check_against_bnb(_weight(shape, dtype, device), compress_statistics)
+def test_quantize_matches_bitsandbytes_cuda(device, shape, dtype, compress_statistics):
+    from kernels.backend import _bnb_quant_state
+
+    w = _weight(shape, dtype, device)
+    q, s = bnbf.quantize_4bit(w, quant_type="nf4", compress_statistics=compress_statistics, blocksize=64)
+    ours = nf4.quantize_nf4(w, compress_statistics)
+    flat = w.reshape(-1).float()
+    absmax = nf4._blocks_absmax(flat, 64)  # a max: exact on both sides
+    code = nf4.nf4_code(device)
+    scaled = flat * (1.0 / absmax.repeat_interleave(64)[: flat.numel()])
+    _assert_equal_except_near_ties(nf4.unpack_nibbles(ours.packed, flat.numel()), nf4.unpack_nibbles(q, flat.numel()),
+                                   scaled, (code[:-1] + code[1:]) / 2, "NF4 indices")
+    if compress_statistics:
+        _assert_equal(ours.offset, s.offset, "offset")
+        _assert_equal(ours.nested_absmax, s.state2.absmax, "nested absmax")
+        _assert_equal(ours.nested_code, s.state2.code, "nested code")
+        centred = absmax - ours.offset
+        scaled8 = centred * (1.0 / nf4._blocks_absmax(centred, 256).repeat_interleave(256)[: centred.numel()])
+        dyn = nf4.dynamic_code(device)
+        _assert_equal_except_near_ties(ours.absmax, s.absmax, scaled8, (dyn[:-1] + dyn[1:]) * 0.5, "8-bit absmax")
+    else:
+        _assert_equal(ours.absmax, s.absmax, "absmax")
+    # dequantization of the same bytes: bitsandbytes' CUDA kernel and ours agree exactly
+    theirs = bnbf.dequantize_4bit(ours.packed, _bnb_quant_state(ours), quant_type="nf4")
+    _assert_equal(nf4.dequantize_nf4(ours), theirs, "dequantized weight")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
