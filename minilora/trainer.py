@@ -118,6 +118,50 @@ def token_loss_sum(model, batch, packed):
     return loss, int((labels != -100).sum())
 
 
+def step_batches(order, state, accum, last_epoch):
+    """Yield each optimizer step's list of micro-batches, from the data cursor in `state` on.
+
+    The cursor (state.epoch, state.batch_in_epoch) advances as batches are taken, so a checkpoint saved
+    after a step resumes at the next batch. A step never spans two epochs (the last one of an epoch may
+    be short). last_epoch: the final epoch index, or None to go on until the caller stops (--max-steps).
+    """
+    while last_epoch is None or state.epoch <= last_epoch:
+        micro = []
+        for batch in order.batches(state.epoch, state.batch_in_epoch):
+            micro.append(batch)
+            state.batch_in_epoch += 1
+            if len(micro) == accum:
+                yield micro
+                micro = []
+        if micro:
+            yield micro
+        state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+
+
+def optimizer_step(model, optimizer, params, micro, lr, config, device, dtype):
+    """Accumulate gradients over `micro`, clip, and step unless non-finite; returns (loss, grad norm, tokens).
+
+    The loss is sum(token losses) / N with N the answer tokens of ALL micro-batches, counted before any
+    backward, so the accumulated gradient is exactly that of one big batch.
+    """
+    n_tokens = sum(int((b["labels"] != -100).sum()) for b in micro)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss_sum = 0.0
+    for batch in micro:
+        batch = _to(batch, device)
+        with _autocast(device, dtype):
+            loss, _ = token_loss_sum(model, batch, config.pack)
+        (loss / n_tokens).backward()
+        loss_sum += loss.item()
+    step_loss = loss_sum / n_tokens
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or float("inf")).item()
+    if math.isfinite(step_loss) and math.isfinite(grad_norm):  # else: skip, no update (the caller counts it)
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return step_loss, grad_norm, n_tokens
+
+
 def _autocast(device, dtype):
     if device.type == "cuda" and dtype != torch.float32:
         return torch.autocast("cuda", dtype=dtype)
@@ -310,52 +354,21 @@ def train(config: TrainConfig):
 
     bar = tqdm(total=total_steps, initial=state.step, disable=not config.progress, dynamic_ncols=True)
     model.train()
-    batches = order.batches(state.epoch, state.batch_in_epoch)
+    steps = step_batches(order, state, config.grad_accum_steps, None if config.max_steps else config.epochs - 1)
     last_loss = None
-    while state.step < total_steps:
-        # gather this step's micro-batches; a step never spans two epochs
-        micro = []
-        while len(micro) < accum:
-            batch = next(batches, None)
-            if batch is None:
-                if micro:
-                    break
-                if config.max_steps is None and state.epoch + 1 >= config.epochs:
-                    break
-                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-                batches = order.batches(state.epoch)
-                continue
-            micro.append(batch)
-            state.batch_in_epoch += 1
-        if not micro:
-            break
+    while state.step < total_steps and (micro := next(steps, None)) is not None:
         t0 = time.perf_counter()
-        n_tokens = sum(int((b["labels"] != -100).sum()) for b in micro)
         lr = learning_rate_at(config, state.updates, total_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss_sum = 0.0
-        for batch in micro:
-            batch = _to(batch, device)
-            with _autocast(device, dtype):
-                loss, _ = token_loss_sum(model, batch, config.pack)
-            (loss / n_tokens).backward()  # d(total / n_tokens): every answer token of the step weighs the same
-            loss_sum += loss.item()
-        step_loss = loss_sum / n_tokens
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or float("inf")).item()
+        step_loss, grad_norm, n_tokens = optimizer_step(model, optimizer, params, micro, lr, config, device, dtype)
         state.step += 1
-        if math.isfinite(step_loss) and math.isfinite(grad_norm):
-            optimizer.step()
-            state.updates += 1
-            state.nonfinite_in_a_row = 0
-            state.tokens_seen += n_tokens
-            skipped = False
-        else:
+        skipped = not (math.isfinite(step_loss) and math.isfinite(grad_norm))
+        if skipped:
             state.nonfinite_in_a_row += 1
-            skipped = True
             log.warning("step %d: non-finite loss %s / grad norm %s; update skipped (%d in a row)",
                         state.step, step_loss, grad_norm, state.nonfinite_in_a_row)
-        optimizer.zero_grad(set_to_none=True)
+        else:
+            state.updates, state.nonfinite_in_a_row, state.tokens_seen = state.updates + 1, 0, state.tokens_seen + n_tokens
+            last_loss = step_loss
         seconds = time.perf_counter() - t0
         input_tokens = sum(int((b["segments"] != 0).sum()) for b in micro)  # segment 0 = padding
         record = {"step": state.step, "epoch": state.epoch, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
@@ -370,7 +383,6 @@ def train(config: TrainConfig):
         if config.eval_every and state.step % config.eval_every == 0 and state.step < total_steps:
             record["eval_loss"] = evaluate_loss(model, test_examples, config, tok.pad_id, device, dtype)
         metrics.write(record)
-        last_loss = step_loss if not skipped else last_loss
         bar.update(1)
         bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}",
                         mem=f"{record['memory_gb']:.1f}G")
