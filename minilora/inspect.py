@@ -97,26 +97,36 @@ def nf4_bytes(numel):
 
 @dataclasses.dataclass(frozen=True)
 class Regime:
-    """How the training step runs, which decides what autograd saves and in which dtype."""
-    act: int  # bytes of a saved activation: 4 (fp32) or 2 (bf16 autocast)
-    autocast: bool  # CUDA bf16 autocast with fp32 LoRA weights (trainer.py on a GPU)
-    dropout_mask: int  # bytes per element dropout saves: CUDA's fused kernel a bool mask, CPU an fp32 noise
+    """How the training step runs, which decides what autograd keeps and in which dtype."""
+    act: int  # bytes of a kept activation: 4 (fp32) or 2 (bf16 autocast)
+    autocast: bool  # bf16 autocast with fp32 LoRA weights (trainer.py on a GPU)
+    kernels: bool  # the Triton training kernels of kernels/ (RMSNorm, RoPE, GLU, fused loss): CUDA's default
+    cuda: bool  # CUDA dropout keeps a bool mask (CPU: an fp32 noise); flash attention keeps its RNG state
 
     @staticmethod
     def of(device, dtype):
-        autocast = device.type == "cuda" and dtype != torch.float32
-        return Regime(act=2 if autocast else 4, autocast=autocast, dropout_mask=1 if device.type == "cuda" else 4)
+        cuda = device.type == "cuda"
+        autocast = cuda and dtype != torch.float32
+        kernels = False
+        if cuda:
+            from kernels.backend import resolve_backend
+
+            kernels = resolve_backend("auto", device) == "triton"
+        return Regime(act=2 if autocast else 4, autocast=autocast, kernels=kernels, cuda=cuda)
 
 
 def _lora_activations(width, out_width, r, N, dropout, reg, grad_x, input_saved):
     """Bytes one targeted LoRALinear keeps (lora.py `forward`): h @ A^T keeps h, its (possibly dropped
-    out) input; u @ B^T keeps u = h A^T, r wide. `input_saved`: another op already keeps the input."""
+    out) input, and A if h needs a gradient; u @ B^T keeps u = h A^T (r wide). `input_saved`: another
+    op already keeps the same input tensor."""
     a = reg.act
-    if reg.autocast:  # x.to(fp32), then autocast's bf16 copy for the matmul: each layer keeps its own,
-        kept = N * width * 2 + 2 * r * (width + out_width)  # plus the bf16 copies of A and B
-        return kept + N * r * a + (N * width * reg.dropout_mask if dropout and grad_x else 0)
-    if dropout:  # a new dropped-out input, plus the mask when x needs a gradient
-        return N * width * (a + (reg.dropout_mask if grad_x else 0)) + N * r * a
+    if reg.autocast:
+        # x.to(fp32), then autocast's bf16 copy for the matmul: every layer keeps its own copy of its
+        # input, and the bf16 copies of B (and of A when x needs a gradient)
+        kept = N * width * 2 + 2 * r * out_width + (2 * r * width if grad_x else 0)
+        return kept + N * r * a + (N * width * 1 if dropout and grad_x else 0)  # CUDA dropout: bool mask
+    if dropout:  # a new dropped-out input, plus the mask (CPU: fp32 noise) when x needs a gradient
+        return N * width * (a + ((1 if reg.cuda else 4) if grad_x else 0)) + N * r * a
     return (0 if input_saved else N * width * a) + N * r * a
 
 
@@ -125,17 +135,24 @@ def _block_activations(c, i, lora, r, dropout, B, T, reg, grad_in):
 
     grad_in: does the block input require grad? Block 0's input (the frozen embedding's output) does
     not, so the ops before its first LoRA layer keep nothing. Part "input" is the block input itself
-    (fp32 RMSNorm keeps x.float(), which is x): checkpointing keeps it anyway, so it is not recomputed.
+    when its first norm keeps it (not a copy): checkpointing keeps it anyway, so it is not recomputed.
     The RoPE tables all blocks share are counted by the caller.
     """
     N, a = B * T, reg.act
     D, H, Hkv, Dh, Fd = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.intermediate_size
     parts = Counter()
 
-    def norm(width, rows, grad, part="norms"):  # RMSNorm keeps h = x.float() and rsqrt(mean(h^2) + eps), fp32
+    def norm(width, rows, grad, part="norms"):
+        """RMSNorm keeps its input and one fp32 rsqrt per row. The Triton kernel keeps x as it is; the
+        torch lines keep h = x.float(): x itself in fp32, a new fp32 copy under bf16 autocast."""
         if grad:
-            parts[part if a == 4 else "norms"] += rows * 4 * width  # under bf16 autocast h is a new fp32 copy
-            parts["norms"] += rows * 4 + (4 * width if c.norm_unit_offset else 0)  # Gemma: and (1 + w)
+            keeps_x = reg.kernels or a == 4
+            parts[part if keeps_x else "norms"] += rows * width * (a if reg.kernels else 4)
+            parts["norms"] += rows * 4
+            if c.norm_unit_offset and not reg.kernels:
+                parts["norms"] += 4 * width  # Gemma, torch lines: the (1 + w) vector
+            return True
+        return False
 
     def lora_layer(names, width, grad_x, input_saved=False):
         """LoRA on the linears `names`, which share one input (q/k/v, or gate/up)."""
@@ -162,19 +179,23 @@ def _block_activations(c, i, lora, r, dropout, B, T, reg, grad_in):
         if grad_v and (reg.autocast or not (grad_q or grad_k)):
             parts["attention"] += scores * a
     elif grad:
-        # SDPA (flash/efficient kernels): q, k, v, the output and the fp32 log-sum-exp per query and head
-        parts["attention"] += N * ((2 * H + 2 * Hkv) * Dh * a + 4 * H)
+        # SDPA (flash/efficient kernels): q, k, v, the output and the fp32 log-sum-exp per query and
+        # head; on CUDA also flash attention's RNG seed and offset (two int64)
+        parts["attention"] += N * ((2 * H + 2 * Hkv) * Dh * a + 4 * H) + (16 if reg.cuda else 0)
         if window is not None:
             parts["attention"] += B * T * T * a  # the bool window mask, converted to an additive float mask
     # o_proj's input: with SDPA a view of the output kept above, with soft-capping a new (B, T, H*Dh)
     grad = lora_layer(("o_proj",), H * Dh, grad, input_saved=grad and c.attn_logit_softcap is None)
     if c.sandwich_norms:
         norm(D, N, grad)  # Gemma 2/3 normalise the attention output too
-    # MLP half: act(gate) keeps gate; act(gate) * up keeps act(gate) (if up needs a gradient) and up
+    # MLP half
     norm(D, N, grad)
     grad_gate, grad_up = grad or "gate_proj" in lora, grad or "up_proj" in lora
     lora_layer(("gate_proj", "up_proj"), D, grad)
-    parts["mlp"] += N * Fd * a * (2 * int(grad_gate) + int(grad_up))
+    if reg.kernels and c.activation != "gelu":  # the Triton GLU (model.py MLP) keeps gate and up
+        parts["mlp"] += N * Fd * a * 2 if grad_gate or grad_up else 0
+    else:  # torch: act(gate) keeps gate; act(gate) * up keeps act(gate) (if up needs a gradient) and up
+        parts["mlp"] += N * Fd * a * (2 * int(grad_gate) + int(grad_up))
     grad = lora_layer(("down_proj",), Fd, grad_gate or grad_up)  # nothing else keeps the product
     if c.sandwich_norms:
         norm(D, N, grad)
@@ -196,16 +217,21 @@ def estimate_activations(c, lora, r, dropout, B, T, reg):
         parts, grad = _block_activations(c, i, lora, r, dropout, B, T, reg, grad)
         inputs += parts.pop("input", 0)
         blocks.append(dict(parts))
-    # RoPE: x * cos and x * sin keep cos and sin (B, T, Dh), one pair per table (Gemma 3: a local one too)
+    # RoPE: x * cos and x * sin (or the Triton kernel) keep cos and sin (B, T, Dh); Gemma 3 has two tables
     tables = (2 if c.local_rope is not None else 1) * 2 * N * c.head_dim * a
     inputs += tables
-    # head: final norm, log_softmax output (fp32), the int64 labels and nll_loss's fp32 total weight
-    final_norm = N * (4 * D + 4) + (4 * D if c.norm_unit_offset else 0)
-    head = (final_norm if grad else 0) + N * V * 4 + N * 8 + 4
-    if "lm_head" in lora:  # its input, the final norm's output, is kept by nothing else
-        head += _lora_activations(D, V, r, N, dropout, reg, grad, False)
-    if c.final_logit_softcap is not None:
-        head += N * V * 4  # Gemma 2: tanh(logits / cap) keeps its output
+    # head: the final norm keeps its input as the block norms do
+    head = (N * ((a if reg.kernels else 4) * D + 4) + (4 * D if c.norm_unit_offset and not reg.kernels else 0)
+            if grad else 0)
+    if reg.kernels and "lm_head" not in lora:
+        # kernels/cross_entropy.py computes the hidden states' gradient in the forward and keeps only it
+        head += N * D * a if grad else 0
+    else:  # log_softmax keeps its fp32 output, nll_loss the int64 labels and an fp32 total weight
+        head += N * V * 4 + N * 8 + 4
+        if c.final_logit_softcap is not None:
+            head += N * V * 4  # Gemma 2: tanh(logits / cap) keeps its output
+        if "lm_head" in lora:  # its input, the final norm's output, is kept by nothing else
+            head += _lora_activations(D, V, r, N, dropout, reg, grad, False)
     total = sum(sum(b.values()) for b in blocks) + inputs + head
     # checkpointing keeps every block's input x (B, T, D), the RoPE tables and each (B, 1, T, T) bool mask
     masks = len({w for w in c.layer_windows if w is not None}) * B * T * T if c.layer_windows else 0
@@ -471,3 +497,229 @@ def adapter_updates(model_dir, config, adapter_dir):
                      "singular_values": s.tolist()})
     return {"r": r, "alpha": alpha, "scaling": scaling, "targets": cfg["target_modules"],
             "layers": sorted(rows, key=lambda row: -row["relative"])}
+
+
+# ----------------------------------------------------------------------------------- the report
+
+def inspect_model(model_dir, r=_DEFAULTS.lora_r, alpha=_DEFAULTS.lora_alpha, dropout=_DEFAULTS.lora_dropout,
+                  targets=_DEFAULTS.lora_targets, batch=_DEFAULTS.micro_batch_size, seq_len=_DEFAULTS.max_seq_len,
+                  dtype=torch.float32, device="cpu", adapter=None, measure=False, errors=True, blocks=None):
+    """Everything `python -m minilora.inspect` prints, as a JSON-ready dict (sizes in bytes).
+
+    With `adapter`, its r, alpha, dropout and targets replace the arguments."""
+    from .hub import resolve_model_dir
+    from .lora import lora_modules
+
+    model_dir = resolve_model_dir(model_dir)
+    config = load_config(model_dir)
+    adapter_report = None
+    if adapter is not None:
+        adapter_report = adapter_updates(model_dir, config, adapter)
+        from .lora import read_adapter_config
+
+        cfg = read_adapter_config(adapter)
+        r, alpha, dropout = adapter_report["r"], adapter_report["alpha"], float(cfg.get("lora_dropout") or 0.0)
+        targets = adapter_report["targets"]
+        targets = r"(?!lm_head$).*" if targets == "all-linear" else targets  # as lora.load_adapter
+    device = torch.device(device)
+    model = meta_model(config, r, alpha, targets, dropout)
+    report = {
+        "model": model_dir,
+        "config": {k: getattr(config, k) for k in ("model_type", "num_hidden_layers", "hidden_size", "intermediate_size",
+                                                  "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size",
+                                                  "tie_word_embeddings")},
+        "settings": {"r": r, "alpha": alpha, "dropout": dropout, "targets": targets if isinstance(targets, str) else list(targets),
+                     "batch": batch, "seq_len": seq_len, "dtype": str(dtype).removeprefix("torch."), "device": device.type},
+        "parameters": count_parameters(model),
+        "lora_layers": len(lora_modules(model)),
+        "memory": {"estimated": estimate_memory(model, r, dropout, batch, seq_len, dtype, device), "measured": None},
+        "nf4_error": quantization_errors(model_dir, config, dtype, blocks) if errors else None,
+        "adapter": adapter_report,
+    }
+    if measure:
+        report["memory"]["measured"] = measure_training_step(model_dir, r, alpha, dropout, targets, batch, seq_len,
+                                                             dtype, device)
+    return report
+
+
+_MEMORY_ROWS = (  # (key, label): the order the breakdown is printed and plotted in
+    ("nf4_packed", "NF4 packed weights (4 bits each)"),
+    ("nf4_stats", "absmax + double-quant statistics"),
+    ("float_weights", "float weights (embeddings, norms, head)"),
+    ("lora_weights", "LoRA weights (fp32)"),
+    ("gradients", "gradients (LoRA only, fp32)"),
+    ("adamw_state", "AdamW state (2 fp32 moments + step)"),
+)
+_STATIC = [k for k, _ in _MEMORY_ROWS]
+
+
+def _size(n):
+    if n is None:
+        return "-"
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def format_report(rep, top=10):
+    """The report as the text `python -m minilora.inspect` prints."""
+    c, s, p = rep["config"], rep["settings"], rep["parameters"]
+    est, mea = rep["memory"]["estimated"], rep["memory"]["measured"]
+    targets = s["targets"] if isinstance(s["targets"], str) else ", ".join(s["targets"])
+    lines = [f"{rep['model']}: {c['model_type']}, {c['num_hidden_layers']} blocks, hidden {c['hidden_size']}, "
+             f"MLP {c['intermediate_size']}, heads {c['num_attention_heads']} (kv {c['num_key_value_heads']}) x "
+             f"{c['head_dim']}, vocab {c['vocab_size']}{', tied head' if c['tie_word_embeddings'] else ''}", "",
+             "Parameters"]
+    parts = ", ".join(f"{k} {v:,}" for k, v in p["by_part"].items() if v)
+    lines += [f"  total            {p['total']:>14,}",
+              f"  quantized (NF4)  {p['quantized']:>14,}  {100 * p['quantized'] / p['total']:.1f}%: every block linear",
+              f"  {'float (' + s['dtype'] + ')':17}{p['float']:>14,}  {parts}",
+              f"  trainable LoRA   {p['lora']:>14,}  {100 * p['lora'] / p['total']:.2f}% of total: r={s['r']}, "
+              f"alpha={s['alpha']:g} on {targets} ({rep['lora_layers']} layers)", ""]
+    lines.append(f"Memory of one training step: batch {s['batch']} x {s['seq_len']} tokens, {s['dtype']} on "
+                 f"{s['device']}, LoRA dropout {s['dropout']:g}")
+    lines.append(f"  {'':44}{'estimated':>12}{'measured' if mea else '':>12}")
+    def row(label, key, measured_key=None):
+        m = _size(mea.get(measured_key or key)) if mea else ""
+        lines.append(f"  {label:44}{_size(est[key]):>12}{m:>12}")
+    for key, label in _MEMORY_ROWS:
+        row(label, key)
+    static = sum(est[k] for k in _STATIC)
+    row("activations, no checkpointing", "activations")
+    row("activations, block checkpointing", "activations_checkpointed")
+    lines.append(f"  {'total, no checkpointing':44}{_size(static + est['activations']):>12}"
+                 f"{_size(sum(mea[k] for k in _STATIC) + mea['activations']) if mea else '':>12}")
+    lines.append(f"  {'total, block checkpointing':44}{_size(static + est['activations_checkpointed']):>12}"
+                 f"{_size(sum(mea[k] for k in _STATIC) + mea['activations_checkpointed']) if mea else '':>12}")
+    if mea and "cuda_peak_activations" in mea:
+        lines.append(f"  CUDA peak above the weights during forward + backward: {_size(mea['cuda_peak_activations'])} "
+                     f"without, {_size(mea['cuda_peak_activations_checkpointed'])} with checkpointing "
+                     "(saved activations + logits and their gradient + LoRA gradients + temporaries)")
+    act = est["activation_detail"]
+    bits = 8 * (est["nf4_packed"] + est["nf4_stats"]) / p["quantized"]
+    lines += [f"  {bits:.3f} bits per quantized weight (4 + the absmax statistics)",
+              f"  activations: largest block {_size(act['largest_block'])}, head (final norm, fp32 log-softmax of "
+              f"the logits, labels) {_size(act['head'])}, block inputs + RoPE tables {_size(act['inputs'])}; "
+              f"checkpointing keeps {_size(act['checkpoint_kept'])} of block inputs and recomputes one block at a time"]
+    if rep["nf4_error"]:
+        rows = rep["nf4_error"]
+        lines += ["", f"NF4 quantization error, worst {min(top, len(rows))} of {len(rows)} block linears "
+                      "(relative = ||W - Q||_F / ||W||_F, Q the dequantized NF4 weight)",
+                  f"  {'layer':42}{'shape':>12}{'relative':>10}{'max |W-Q|':>11}{'max |W|':>10}"]
+        for e in rows[:top]:
+            lines.append(f"  {e['name']:42}{'x'.join(map(str, e['shape'])):>12}{e['rel_fro']:>10.4f}"
+                         f"{e['max_abs']:>11.4f}{e['max_weight']:>10.4f}")
+        by_kind = _mean_by_kind(rows, "rel_fro")
+        lines.append("  mean relative error by projection: " + ", ".join(f"{k} {v:.4f}" for k, v in by_kind.items()))
+    a = rep["adapter"]
+    if a:
+        rows = a["layers"]
+        lines += ["", f"LoRA adapter: r={a['r']}, alpha={a['alpha']:g}, scaling={a['scaling']:g}; the {min(top, len(rows))} "
+                      f"of {len(rows)} layers that moved most (relative = ||scaling B A||_F / ||W||_F)",
+                  "  effective rank = exp(entropy of the normalised singular values of B A) (Roy & Vetterli 2007); "
+                  "rank@1% = singular values above 1% of the largest",
+                  f"  {'layer':42}{'||sBA||_F':>11}{'||W||_F':>10}{'relative':>10}{'eff.rank':>9}{'rank@1%':>8}"]
+        for u in rows[:top]:
+            lines.append(f"  {u['name']:42}{u['update_fro']:>11.4f}{u['weight_fro']:>10.3f}{u['relative']:>10.5f}"
+                         f"{u['erank']:>9.2f}{u['rank_1pct']:>8}")
+        by_kind = _mean_by_kind(rows, "relative")
+        lines.append("  mean relative update by projection: " + ", ".join(f"{k} {v:.5f}" for k, v in by_kind.items()))
+    return "\n".join(lines)
+
+
+def _mean_by_kind(rows, key):
+    groups = {}
+    for row in rows:
+        groups.setdefault(row["name"].rsplit(".", 1)[-1], []).append(row[key])
+    return {k: sum(v) / len(v) for k, v in sorted(groups.items())}
+
+
+def _block_of(name):
+    return int(name.split(".")[2]) if name.startswith("model.layers.") else -1
+
+
+def plot_report(rep, path):
+    """Per-layer NF4 error, the memory breakdown, and (with an adapter) the relative update per layer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [p for p in ("error", "memory", "adapter") if p == "memory" or rep.get({"error": "nf4_error"}.get(p, p))]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        if panel in ("error", "adapter"):
+            rows, key = (rep["nf4_error"], "rel_fro") if panel == "error" else (rep["adapter"]["layers"], "relative")
+            for kind in sorted({r["name"].rsplit(".", 1)[-1] for r in rows}):
+                pts = sorted((_block_of(r["name"]), r[key]) for r in rows if r["name"].endswith("." + kind))
+                ax.plot([b for b, _ in pts], [v for _, v in pts], marker=".", label=kind)
+            ax.set_xlabel("block")
+            ax.set_ylabel("||W - Q||_F / ||W||_F" if panel == "error" else "||scaling B A||_F / ||W||_F")
+            ax.set_title("NF4 error per layer" if panel == "error" else "LoRA update per layer")
+            ax.legend(fontsize=7)
+        else:
+            est = rep["memory"]["estimated"]
+            bars = [("no checkpointing", est["activations"]), ("block checkpointing", est["activations_checkpointed"])]
+            labels = [label for _, label in _MEMORY_ROWS] + ["activations"]
+            for y, (name, act) in enumerate(bars):
+                left = 0
+                for i, value in enumerate([est[k] for k in _STATIC] + [act]):
+                    ax.barh(y, value / 2**20, left=left, color=f"C{i}", label=labels[i] if y == 0 else None)
+                    left += value / 2**20
+            ax.set_yticks(range(len(bars)), [name for name, _ in bars])
+            s = rep["settings"]
+            ax.set_xlabel("MiB (estimated)")
+            ax.set_title(f"training memory, batch {s['batch']} x {s['seq_len']}, {s['dtype']}")
+            ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m minilora.inspect", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", required=True, help="local model directory, hub id or short name")
+    parser.add_argument("--adapter", help="PEFT LoRA adapter directory: analyse its updates (its r/alpha/targets win)")
+    parser.add_argument("--rank", type=int, default=_DEFAULTS.lora_r, help="LoRA rank r")
+    parser.add_argument("--alpha", type=float, default=_DEFAULTS.lora_alpha, help="LoRA alpha")
+    parser.add_argument("--dropout", type=float, default=_DEFAULTS.lora_dropout, help="LoRA dropout")
+    parser.add_argument("--targets", nargs="+", default=list(_DEFAULTS.lora_targets), help="LoRA target linears")
+    parser.add_argument("--batch", type=int, default=_DEFAULTS.micro_batch_size, help="rows per micro-batch")
+    parser.add_argument("--seq-len", type=int, default=_DEFAULTS.max_seq_len, help="tokens per row")
+    parser.add_argument("--device", default=_DEFAULTS.device, help="'auto' (cuda if present), 'cpu', 'cuda' "
+                        "(estimates for cuda need no GPU; --measure does)")
+    parser.add_argument("--dtype", default=_DEFAULTS.dtype, choices=("auto", "bfloat16", "float32"),
+                        help="compute dtype: 'auto' = bfloat16 autocast on GPU, float32 on CPU (as train.py)")
+    parser.add_argument("--measure", action="store_true", help="also run one real training step and measure it")
+    parser.add_argument("--errors", action=argparse.BooleanOptionalAction, default=True,
+                        help="compute the per-layer NF4 error table (reads every block linear once)")
+    parser.add_argument("--blocks", type=int, nargs="+", help="only these block indices in the error table")
+    parser.add_argument("--top", type=int, default=10, help="rows of the error and adapter tables in the text output")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON instead of text")
+    parser.add_argument("--plot", metavar="PNG", help="draw the per-layer error and the memory breakdown to this file")
+    args = parser.parse_args(argv)
+    from .trainer import resolve_device_and_dtype
+
+    try:
+        if args.batch < 1 or args.seq_len < 1 or args.rank < 1:
+            raise MiniloraError(f"--batch {args.batch}, --seq-len {args.seq_len}, --rank {args.rank}: expected "
+                                "positive integers.")
+        device, dtype = resolve_device_and_dtype(TrainConfig(device=args.device, dtype=args.dtype))
+        if args.measure and device.type == "cuda" and not torch.cuda.is_available():
+            raise MiniloraError("--measure on cuda: no CUDA device is visible here; use --device cpu to measure on CPU.")
+        report = inspect_model(args.model, args.rank, args.alpha, args.dropout, tuple(args.targets), args.batch,
+                               args.seq_len, dtype, device, args.adapter, args.measure, args.errors,
+                               set(args.blocks) if args.blocks else None)
+    except MiniloraError as e:
+        print(f"error ({type(e).__name__}): {e}", file=sys.stderr)
+        return 1
+    if args.plot:
+        plot_report(report, args.plot)
+    print(json.dumps(report, indent=1) if args.json else format_report(report, args.top))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
