@@ -170,3 +170,19 @@ def test_cuda_graph_decode_with_nf4_weights(device, tmp_path):
     eager = generate(model, prompts, NEW, stop_ids=[], pad_id=tok.pad_id, use_graph=False)
     assert graphed == eager
     assert all(len(ids) == NEW for ids in graphed)
+
+
+def test_generation_benchmark_logic_on_cpu(tmp_path):
+    """benchmarks/generate.py --tiny: both stacks load the same checkpoint, agree, and the table is written."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "generate.py")
+    spec = importlib.util.spec_from_file_location("benchmark_generate", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    results = tmp_path / "RESULTS.md"
+    assert bench.main(["--tiny", "--repeats", "1", "--workdir", str(tmp_path), "--results", str(results)]) == 0
+    text = results.read_text()
+    assert "Outputs agree (nf4, prefill logits of 2 prompts): yes" in text
+    assert text.count("\n| nf4 | ") == 2 and "Scoring run" in text
