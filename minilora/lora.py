@@ -348,14 +348,17 @@ _COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tok
                  "special_tokens_map.json")
 
 
-def save_merged(model, directory, base_dir, tokenizer=None):
+def save_merged(model, directory, base_dir=None, tokenizer=None):
     """Write base + LoRA as a Hugging Face checkpoint that `AutoModelForCausalLM.from_pretrained` loads.
 
-    base_dir: the base model's directory; its config.json (and tokenizer / generation config files) are
-    copied, since the merged model has exactly the base architecture. The weights are written in their
-    float dtype (NF4 layers dequantized to their compute dtype). `tokenizer` (a minilora Tokenizer) is
-    saved instead of copying the base's tokenizer files when given.
+    base_dir: the base model's directory (default: `model.source_dir` where the loader recorded it); its
+    config.json (and tokenizer / generation config files) are copied, since the merged model has exactly
+    the base architecture. The weights are written in their float dtype (NF4 layers dequantized to their
+    compute dtype). `tokenizer` (a minilora Tokenizer) is saved instead of the base's tokenizer files.
     """
+    base_dir = base_dir or getattr(model, "source_dir", None)
+    if base_dir is None:
+        raise CheckpointError("save_merged needs base_dir=, the base model's directory (its config.json is copied).")
     base_dir = os.path.abspath(base_dir)
     if os.path.abspath(directory) == base_dir:
         raise CheckpointError(f"save_merged: output directory {directory} is the base model directory; "
