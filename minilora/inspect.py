@@ -599,9 +599,9 @@ def format_report(rep, top=10):
     act = est["activation_detail"]
     bits = 8 * (est["nf4_packed"] + est["nf4_stats"]) / p["quantized"]
     lines += [f"  {bits:.3f} bits per quantized weight (4 + the absmax statistics)",
-              f"  activations: largest block {_size(act['largest_block'])}, head (final norm, fp32 log-softmax of "
-              f"the logits, labels) {_size(act['head'])}, block inputs + RoPE tables {_size(act['inputs'])}; "
-              f"checkpointing keeps {_size(act['checkpoint_kept'])} of block inputs and recomputes one block at a time"]
+              f"  activations: largest block {_size(act['largest_block'])}, head (final norm and loss) "
+              f"{_size(act['head'])}, block inputs + RoPE tables {_size(act['inputs'])}; checkpointing keeps "
+              f"{_size(act['checkpoint_kept'])} of block inputs and masks and recomputes one block at a time"]
     if rep["nf4_error"]:
         rows = rep["nf4_error"]
         lines += ["", f"NF4 quantization error, worst {min(top, len(rows))} of {len(rows)} block linears "
