@@ -1,8 +1,9 @@
 """minilora's Triton kernels, one file per kernel family, each beside its torch reference.
 
 - nf4_dequant.py: NF4 (double-quant aware) -> fp16/bf16/fp32 weight; reference `minilora.nf4.dequantize_nf4`.
-- nf4_matmul.py:  x @ W^T with W in NF4 (fused small-M kernel, dequant + cuBLAS for large M) and g @ W.
+- nf4_matmul.py:  x @ W^T with W in NF4 (fused GEMV for decoding, dequant + cuBLAS otherwise) and g @ W.
 - backend.py:     the one setting that picks who runs the 4-bit work: "torch", "triton" or "bnb".
+- rmsnorm.py, rope.py, glu.py, cross_entropy.py: the training kernels (see each file's docstring).
 
 PyPI has an unrelated package named `kernels`; code importing ours checks `MINILORA_KERNELS`
 (see `require_minilora_kernels`) so that a shadowing install fails loudly instead of importing the wrong thing.

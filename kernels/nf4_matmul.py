@@ -29,16 +29,18 @@ from kernels.nf4_dequant import _absmax, check_state, dequantize_nf4, nested_arg
 from minilora.nf4 import NF4State
 from minilora.nf4 import dequantize_nf4 as dequantize_nf4_reference
 
-SMALL_M = 4  # up to this many rows use the fused GEMV (benchmarks/kernels.py, H100)
+# Up to this many rows use the fused GEMV. H100 (benchmarks/RESULTS.md): its time grows ~linearly with M
+# (13 us at M=1, 99 us at M=16 for 3072x3072), crossing dequant + cuBLAS (25 us) near M=3.
+SMALL_M = 2
 
 # Autotune space for an H100 80GB at Llama-3.2-3B shapes; the CPU interpreter gets one small config.
 if os.environ.get("TRITON_INTERPRET") == "1":
     _CONFIGS = [triton.Config({"BLOCK_N": 16, "BLOCK_K": 128})]
 else:
     _CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-                for n, k, w, s in [(2, 1024, 4, 3), (4, 512, 4, 3), (4, 1024, 4, 3), (8, 512, 4, 3),
-                                   (8, 1024, 8, 3), (16, 256, 4, 4), (16, 512, 8, 3), (32, 256, 8, 3),
-                                   (4, 2048, 8, 2), (8, 256, 4, 4)]]
+                for n, k, w, s in [(2, 1024, 4, 3), (4, 512, 4, 3), (4, 1024, 4, 2), (8, 512, 4, 3),
+                                   (8, 1024, 8, 2), (8, 1024, 8, 3), (16, 256, 4, 3), (16, 512, 4, 3),
+                                   (16, 512, 8, 3), (32, 256, 4, 3), (32, 512, 8, 2), (64, 256, 8, 2)]]
 
 
 def matmul_nf4_reference(x: torch.Tensor, state: NF4State) -> torch.Tensor:
@@ -71,9 +73,11 @@ def _matmul_nf4_small_m_kernel(x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr,
         q = tl.load(packed_ptr + byte, mask=n_mask[:, None, None] & g_mask[None, :, None], other=0).to(tl.int32)
         scale = _absmax(n[:, None] * (K // 64) + group[None, :], n_mask[:, None] & g_mask[None, :],
                         absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, NESTED, NESTED_BLOCKSIZE)
-        even = group[:, None] * 64 + 2 * i[None, :]  # (GROUPS, 32) columns 2j, paired with the high nibbles
-        x_even = tl.load(x_row + even, mask=g_mask[:, None], other=0.0).to(tl.float32)
-        x_odd = tl.load(x_row + even + 1, mask=g_mask[:, None], other=0.0).to(tl.float32)
+        # this step's 64-column groups of x, read contiguously, split into the even columns (paired with
+        # the high nibbles) and the odd ones; faster on an H100 than two stride-2 loads
+        column = group[:, None] * 64 + tl.arange(0, 64)[None, :]  # (GROUPS, 64)
+        x_tile = tl.load(x_row + column, mask=g_mask[:, None], other=0.0).to(tl.float32)
+        x_even, x_odd = tl.split(tl.reshape(x_tile, (GROUPS, 32, 2)))  # each (GROUPS, 32)
         high = tl.load(code_ptr + (q >> 4))  # (BLOCK_N, GROUPS, 32): W[n, 2j] / scale
         low = tl.load(code_ptr + (q & 15))  # W[n, 2j + 1] / scale
         per_group = tl.sum(high * x_even[None, :, :] + low * x_odd[None, :, :], axis=2)  # (BLOCK_N, GROUPS)

@@ -215,7 +215,8 @@ def test_hf_state_loads_in_bitsandbytes_and_back(tmp_path):
     # and back: our loader on the same file gives the same layer
     back = nf4.from_hf_state(tensors, "proj", torch.float32, backend="torch")
     assert torch.equal(back.dequantize(), lin.dequantize()) and torch.equal(back.bias, lin.bias)
-    assert torch.equal(back.dequantize(), bnbf.dequantize_4bit(theirs.weight, theirs.weight.quant_state, quant_type="nf4"))
+    theirs_weight = bnbf.dequantize_4bit(theirs.weight, theirs.weight.quant_state, quant_type="nf4")
+    assert torch.equal(back.dequantize(), theirs_weight)
 
 
 def test_from_hf_state_errors_name_the_key():
@@ -232,3 +233,12 @@ def test_from_hf_state_errors_name_the_key():
         dtype=torch.uint8)})
     with pytest.raises(CheckpointError, match="'fp4'"):
         nf4.from_hf_state(fp4, "q_proj", torch.float32)
+
+
+def test_shadowing_kernels_package_is_a_clear_error(monkeypatch):
+    import types
+
+    lin = nf4.Linear4bit.from_weight(torch.randn(8, 64), None, backend="torch")
+    monkeypatch.setitem(__import__("sys").modules, "kernels", types.ModuleType("kernels"))  # PyPI's `kernels`
+    with pytest.raises(ImportError, match="not minilora's kernels package"):
+        lin(torch.randn(2, 64))

@@ -33,7 +33,8 @@ def _assert_matmul_close(out, x, w, what):
     bound = 4 * EPS[out.dtype] * scale + torch.finfo(torch.float64).tiny
     bad = err > bound
     assert not bad.any(), (f"{what}: {int(bad.sum())} of {err.numel()} outside the bound; max diff "
-                           f"{err.max().item():.3g}, mean diff {err.mean().item():.3g}, max bound {bound.max().item():.3g}")
+                           f"{err.max().item():.3g}, mean diff {err.mean().item():.3g}, "
+                           f"max bound {bound.max().item():.3g}")
 
 
 # ---- dequantization: must be exactly the reference (same table lookup, same fp32 ops, one cast) ----
@@ -58,7 +59,7 @@ def test_dequantize_into_out_buffer():
 
 @pytest.mark.parametrize("nested", [True, False])
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
-@pytest.mark.parametrize("m", [1, 3, SMALL_M + 3])  # fused GEMV (one and several rows), dequant + matmul
+@pytest.mark.parametrize("m", [1, SMALL_M, SMALL_M + 3])  # fused GEMV (one and several rows), dequant + matmul
 @pytest.mark.parametrize("n,k", [(37, 192), (20, 70)])  # K not a multiple of BLOCK_K; K % 64 != 0 falls back
 def test_matmul_matches_reference(n, k, m, dtype, nested):
     state = _state(n, k, nested=nested)
@@ -77,7 +78,7 @@ def test_matmul_keeps_leading_dims():
     _assert_matmul_close(out, x, nf4.dequantize_nf4(state), "batched x @ W^T")
 
 
-@pytest.mark.parametrize("m", [3, 24])
+@pytest.mark.parametrize("m", [2, 24])
 def test_linear_gradients_triton_vs_torch_backend(m):
     lin = nf4.Linear4bit.from_weight(torch.randn(40, 128), torch.randn(40), backend="triton")
     lin.bias.requires_grad_(True)
