@@ -32,6 +32,7 @@ from minilora.errors import CheckpointError
 BLOCKSIZE = 64  # QLoRA / bitsandbytes default for NF4
 NESTED_BLOCKSIZE = 256  # bitsandbytes: absmax is double-quantized in blocks of 256
 MAX_NUMEL = 2**31 - 1  # the kernels index with int32
+_CHUNK = BLOCKSIZE * 2**14  # elements quantized at a time (a multiple of 64, so of the block)
 
 # The 16 NF4 values: quantiles of N(0, 1) normalised to [-1, 1], 8 negative, 0, 7 positive.
 # bitsandbytes `get_4bit_type("nf4")` hard-codes the same fp32 numbers (from `create_normal_map`).
@@ -180,9 +181,16 @@ def quantize_nf4(weight: torch.Tensor, compress_statistics: bool = True) -> NF4S
         raise ValueError(f"quantize_nf4: weight dtype is {weight.dtype}; expected float32, float16 or bfloat16")
     if weight.numel() == 0 or weight.numel() > MAX_NUMEL:
         raise ValueError(f"quantize_nf4: weight has {weight.numel()} elements; expected 1 to {MAX_NUMEL}")
-    flat = weight.detach().reshape(-1).float()
-    q, absmax = _quantize_4bit_indices(flat, BLOCKSIZE)
-    state = NF4State(pack_nibbles(q), absmax, nf4_code(weight.device), weight.shape, weight.dtype)
+    # Blocks are independent, so go a chunk of blocks at a time: the fp32/int64 temporaries then stay
+    # about 20 MB whatever the weight size (the loader quantizes a 3B model layer by layer on the GPU).
+    flat = weight.detach().reshape(-1)
+    packed, absmax = [], []
+    for start in range(0, flat.numel(), _CHUNK):
+        q, chunk_absmax = _quantize_4bit_indices(flat[start:start + _CHUNK].float(), BLOCKSIZE)
+        packed.append(pack_nibbles(q))
+        absmax.append(chunk_absmax)
+    absmax = torch.cat(absmax)
+    state = NF4State(torch.cat(packed), absmax, nf4_code(weight.device), weight.shape, weight.dtype)
     if compress_statistics:
         offset = absmax.mean()  # same torch reduction as bitsandbytes, so the same fp32 bits
         state.absmax, state.nested_absmax, state.nested_code = _quantize_8bit_dynamic(absmax - offset,
