@@ -21,15 +21,10 @@ def load_model(name_or_dir, dtype=torch.float32, device="cpu", quantize=None, ba
     tokenizer = load_tokenizer(directory)
     with torch.device("meta"):
         model = Transformer(config)
-    place_linear = None
-    if quantize is not None:
-        if quantize != "nf4":
-            raise ValueError(f"quantize={quantize!r} is not supported (use None or 'nf4').")
-        from .nf4 import Linear4bit
-
-        def place_linear(linear, weight):
-            return Linear4bit.from_weight(weight, linear.bias, backend=backend)
-    load_weights(model, directory, dtype, torch.device(device), place_linear)
+    if quantize not in (None, "nf4"):
+        raise ValueError(f"quantize={quantize!r} is not supported (use None or 'nf4').")
+    load_weights(model, directory, dtype, torch.device(device), quantize, backend)
+    model.source_dir = directory  # config.json and tokenizer files are copied from here when saving
     model.eval()
     if adapter is not None:
         from .lora import load_adapter

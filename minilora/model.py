@@ -42,7 +42,10 @@ def triton_ops():
     """The Triton training kernels, imported on first use so that CPU-only installs never need triton."""
     import kernels
 
-    kernels.require_minilora_kernels(kernels)
+    if not getattr(kernels, "MINILORA_KERNELS", False):
+        raise ImportError(f"'kernels' resolved to {getattr(kernels, '__file__', kernels)!r}, not minilora's kernels "
+                          "package (PyPI has an unrelated package of that name): `pip uninstall kernels`, then "
+                          "`pip install -e .` in the minilora checkout.")
     from kernels import cross_entropy, glu, rmsnorm, rope
 
     return dict(rms_norm=rmsnorm.rms_norm_triton, rope=rope.rope_triton, swiglu=glu.swiglu_triton,

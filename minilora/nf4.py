@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from minilora.errors import CheckpointError
+from minilora.errors import WeightsError
 
 BLOCKSIZE = 64  # QLoRA / bitsandbytes default for NF4
 NESTED_BLOCKSIZE = 256  # bitsandbytes: absmax is double-quantized in blocks of 256
@@ -307,13 +307,13 @@ def from_hf_state(tensors: dict[str, torch.Tensor], prefix: str, dtype: torch.dt
                   backend: str = "auto") -> Linear4bit:
     """Build a Linear4bit from the tensors of `to_hf_state` / a bitsandbytes 4-bit checkpoint.
 
-    dtype: the compute dtype (bias and dequantized weight). Raises CheckpointError naming the key.
+    dtype: the compute dtype (bias and dequantized weight). Raises WeightsError naming the key.
     """
     def get(key, required=True):
         full = f"{prefix}.{key}"
         if full not in tensors:
             if required:
-                raise CheckpointError(f"4-bit weight {prefix}: missing tensor '{full}' (bitsandbytes nf4 layout "
+                raise WeightsError(f"4-bit weight {prefix}: missing tensor '{full}' (bitsandbytes nf4 layout "
                                       f"needs weight, weight.absmax, weight.quant_map, weight.{_QUANT_STATE_KEY[7:]})")
             return None
         return tensors[full].to(device)
@@ -321,17 +321,17 @@ def from_hf_state(tensors: dict[str, torch.Tensor], prefix: str, dtype: torch.dt
     try:
         meta = json.loads(bytes(get(_QUANT_STATE_KEY).cpu().tolist()).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"4-bit weight {prefix}: '{prefix}.{_QUANT_STATE_KEY}' is not JSON ({e})") from None
+        raise WeightsError(f"4-bit weight {prefix}: '{prefix}.{_QUANT_STATE_KEY}' is not JSON ({e})") from None
     if meta.get("quant_type") != "nf4":
-        raise CheckpointError(f"4-bit weight {prefix}: quant_type {meta.get('quant_type')!r}; only 'nf4' is supported")
+        raise WeightsError(f"4-bit weight {prefix}: quant_type {meta.get('quant_type')!r}; only 'nf4' is supported")
     shape = torch.Size(meta["shape"])
     packed, absmax = get("weight"), get("weight.absmax")
     blocks = -(-shape.numel() // meta["blocksize"])
     if packed.dtype != torch.uint8 or packed.numel() != (shape.numel() + 1) // 2:
-        raise CheckpointError(f"4-bit weight {prefix}.weight: {packed.dtype} with {packed.numel()} bytes; expected "
+        raise WeightsError(f"4-bit weight {prefix}.weight: {packed.dtype} with {packed.numel()} bytes; expected "
                               f"uint8 with {(shape.numel() + 1) // 2} bytes for shape {list(shape)}")
     if absmax.numel() != blocks:
-        raise CheckpointError(f"4-bit weight {prefix}.weight.absmax: {absmax.numel()} values; expected {blocks} "
+        raise WeightsError(f"4-bit weight {prefix}.weight.absmax: {absmax.numel()} values; expected {blocks} "
                               f"(one per {meta['blocksize']} of {shape.numel()} elements)")
     nested = "nested_offset" in meta
     state = NF4State(

@@ -6,8 +6,10 @@
 - Pickle formats (`*.bin`, `*.pt`, `*.pth`) are refused: loading them can run arbitrary code.
 - Streaming: the model is built on the meta device and each tensor is read (plain reads, no mmap that
   would keep the file's pages resident), cast and moved on its own, so host memory peaks near one copy
-  of the model in the target dtype plus one tensor. A `place_linear` hook lets the
-  NF4 path quantize each block linear as it arrives, so the float copy of a 3B model never exists.
+  of the model in the target dtype plus one tensor. With quantize="nf4" each block linear is quantized
+  as it arrives, so the float copy of a 3B model never exists.
+- Pre-quantized bitsandbytes 4-bit checkpoints (HF layout) load directly; `save_quantized` writes one
+  that transformers + bitsandbytes load.
 - Phi-3's fused `qkv_proj` / `gate_up_proj` are split here (rows q;k;v and gate;up).
 """
 import json
@@ -170,22 +172,40 @@ class SafetensorsFile:
         self.close()
 
 
-def load_weights(model: nn.Module, directory, dtype, device, place_linear=None):
+QUANT_STATE_SUFFIX = ".weight.quant_state.bitsandbytes__nf4"  # marks a bitsandbytes 4-bit linear
+
+
+def _quantized_prefix(key, quantized):
+    """The module name of a pre-quantized linear that `key` belongs to, or None."""
+    prefix = key[: -len(".weight")] if key.endswith(".weight") else key.split(".weight.", 1)[0]
+    return prefix if prefix in quantized and key != prefix + ".bias" else None
+
+
+def load_weights(model: nn.Module, directory, dtype, device, quantize=None, backend="auto"):
     """Fill the meta-device `model` from the checkpoint in `directory`; returns the model.
 
-    place_linear(linear, weight) -> nn.Module | None: called for each block linear (the meta nn.Linear,
-    whose `bias` the new module must keep) with its weight already on `device` in `dtype`; a returned
-    module replaces the nn.Linear (e.g. a 4-bit layer), None keeps the float weight.
+    quantize="nf4": each block linear is quantized to a `Linear4bit` as its weight arrives (on `device`),
+    so the float copy of the whole model never exists. Pre-quantized bitsandbytes 4-bit linears (HF layout:
+    `weight` uint8 + `weight.absmax`, `weight.quant_map`, `weight.nested_*`, `weight.quant_state.*`) load as
+    `Linear4bit` with quantize="nf4" and are dequantized to `dtype` otherwise.
     """
     config = model.config
     key_map = checkpoint_key_map(config, model)
     expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
     filled, problems = set(), []
-    pending_rows = {}  # Phi-3 fused tensors are split and could arrive in any shard order
     files, weight_map = find_weight_files(directory)
-    for path in files:
-        fname = os.path.basename(path)
-        with SafetensorsFile(path) as handle:
+    handles = [SafetensorsFile(path) for path in files]
+    try:
+        all_keys = [key for h in handles for key in h.keys()]
+        quantized = {k[: -len(QUANT_STATE_SUFFIX)] for k in all_keys if k.endswith(QUANT_STATE_SUFFIX)}
+        parts_left = {}  # pre-quantized linear -> how many of its tensors are still to come
+        for key in all_keys:
+            prefix = _quantized_prefix(key, quantized)
+            if prefix is not None:
+                parts_left[prefix] = parts_left.get(prefix, 0) + 1
+        pending = {}
+        for handle in handles:
+            fname = handle.name
             for key in handle.keys():
                 if weight_map is not None and weight_map.get(key) != fname:
                     problems.append(f"{fname}: tensor {key!r} is not listed for this shard in model.safetensors.index.json "
@@ -193,13 +213,20 @@ def load_weights(model: nn.Module, directory, dtype, device, place_linear=None):
                     continue
                 if key == "lm_head.weight" and config.tie_word_embeddings:
                     continue  # a tied model that also stores its head (vllm#6758): the embedding is used
+                prefix = _quantized_prefix(key, quantized)
+                if prefix is not None:
+                    pending.setdefault(prefix, {})[key] = handle.get_tensor(key)
+                    parts_left[prefix] -= 1
+                    if parts_left[prefix] == 0:
+                        _place_prequantized(model, prefix, pending.pop(prefix), expected, filled, problems, fname,
+                                            dtype, device, quantize, backend)
+                    continue
                 if key not in key_map:
                     problems.append(f"{fname}: unexpected tensor {key!r} (no such parameter in a {config.model_type} model)")
                     continue
                 tensor = handle.get_tensor(key)
                 if tensor.dtype not in FLOAT_DTYPES:
-                    problems.append(f"{fname}: tensor {key!r} has dtype {tensor.dtype}, expected a float type "
-                                    "(a pre-quantized 4-bit checkpoint needs load_model(..., quantize='nf4'))")
+                    problems.append(f"{fname}: tensor {key!r} has dtype {tensor.dtype}, expected a floating dtype")
                     continue
                 if not torch.isfinite(tensor).all():
                     bad = (~torch.isfinite(tensor)).sum().item()
@@ -217,32 +244,105 @@ def load_weights(model: nn.Module, directory, dtype, device, place_linear=None):
                         problems.append(f"{fname}: tensor {key!r} appears more than once")
                         continue
                     filled.add(name)
-                    _place(model, name, part, dtype, device, place_linear)
+                    _place(model, name, part, dtype, device, quantize, backend)
                 del tensor
+    finally:
+        for handle in handles:
+            handle.close()
     missing = sorted(set(expected) - filled)
     if missing:
         shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
         problems.append(f"missing tensors (no file in {directory} has them): {shown}")
     if problems:
         raise WeightsError(f"checkpoint {directory} does not match the {config.model_type} model built from its "
-                              "config.json:\n  - " + "\n  - ".join(problems))
+                           "config.json:\n  - " + "\n  - ".join(problems))
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.reset_rope(device)
     return model
 
 
+def _replace_module(model, module_name, module):
+    parent_name, _, child = module_name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child, module)
+
+
+def _place_prequantized(model, prefix, tensors, expected, filled, problems, fname, dtype, device, quantize, backend):
+    from .nf4 import from_hf_state
+
+    name = prefix + ".weight"
+    if name not in expected or not _is_block_linear(name):
+        problems.append(f"{fname}: 4-bit tensor {name!r} is not a block linear of this model")
+        return
+    try:
+        module = from_hf_state(tensors, prefix, dtype, device, backend)
+    except WeightsError as e:
+        problems.append(f"{fname}: {e}")
+        return
+    if (module.out_features, module.in_features) != expected[name]:
+        problems.append(f"{fname}: 4-bit tensor {name!r} has shape {[module.out_features, module.in_features]}, "
+                        f"expected {list(expected[name])}")
+        return
+    filled.add(name)
+    old = model.get_submodule(prefix)
+    if quantize == "nf4":
+        module.bias = old.bias  # the float bias is a tensor of its own in the checkpoint
+        _replace_module(model, prefix, module)
+    else:
+        set_parameter(model, name, module.dequantize().to(dtype))
+
+
 def _is_block_linear(name):
     return name.startswith("model.layers.") and name.endswith("_proj.weight")
 
 
-def _place(model, name, tensor, dtype, device, place_linear):
-    if place_linear is not None and _is_block_linear(name):
+def _place(model, name, tensor, dtype, device, quantize, backend):
+    if quantize == "nf4" and _is_block_linear(name):
+        from .nf4 import Linear4bit
+
         module_name = name[: -len(".weight")]
         old = model.get_submodule(module_name)
-        replacement = place_linear(old, tensor.to(device=device, dtype=dtype))
-        if replacement is not None:
-            parent_name, _, child = module_name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child, replacement)
-            return
+        _replace_module(model, module_name, Linear4bit.from_weight(tensor.to(device=device, dtype=dtype), old.bias,
+                                                                   backend=backend))
+        return
     set_parameter(model, name, tensor.to(device=device, dtype=dtype).contiguous())
+
+
+def save_quantized(model, directory, compute_dtype="bfloat16"):
+    """Write `model` (loaded with quantize="nf4") as a transformers + bitsandbytes 4-bit checkpoint.
+
+    Layout as `save_pretrained` of a `BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")`
+    model: the float tensors under their own names, each 4-bit linear as `to_hf_state` writes it, and
+    config.json with its `quantization_config`. Tokenizer files are copied from the source directory.
+    """
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from .nf4 import Linear4bit, to_hf_state
+
+    source = getattr(model, "source_dir", None)
+    if source is None:
+        raise ValueError("save_quantized needs a model from load_model (it copies config.json from its source).")
+    if os.path.abspath(directory) == os.path.abspath(source):
+        raise ValueError(f"save_quantized: output {directory} is the source checkpoint; choose another directory.")
+    tensors, nested = {}, False
+    for name, module in model.named_modules():
+        if isinstance(module, Linear4bit):
+            tensors.update({k: v.detach().cpu().contiguous() for k, v in to_hf_state(module, name).items()})
+            nested = nested or module.state.nested
+    for name, param in model.named_parameters():
+        if name not in tensors and not (name == "lm_head.weight" and model.config.tie_word_embeddings):
+            tensors[name] = param.detach().cpu().contiguous()
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(source, "config.json"), encoding="utf-8") as f:
+        raw = json.load(f)
+    raw["quantization_config"] = {
+        "quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False, "bnb_4bit_quant_type": "nf4",
+        "bnb_4bit_use_double_quant": nested, "bnb_4bit_compute_dtype": compute_dtype, "bnb_4bit_quant_storage": "uint8"}
+    save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(raw, f, indent=2)
+    for extra in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json"):
+        if os.path.isfile(os.path.join(source, extra)):
+            shutil.copyfile(os.path.join(source, extra), os.path.join(directory, extra))

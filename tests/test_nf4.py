@@ -12,7 +12,7 @@ bnb = pytest.importorskip("bitsandbytes")
 import bitsandbytes.functional as bnbf  # noqa: E402
 
 from minilora import nf4  # noqa: E402
-from minilora.errors import CheckpointError  # noqa: E402
+from minilora.errors import WeightsError  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # odd numel, one element, short last block, rows not a multiple of 64, more than 256 blocks (two nested groups)
@@ -223,15 +223,15 @@ def test_from_hf_state_errors_name_the_key():
     lin = nf4.Linear4bit.from_weight(torch.randn(8, 64), None)
     good = nf4.to_hf_state(lin, "q_proj")
     missing = {k: v for k, v in good.items() if not k.endswith("absmax") or "nested" in k}
-    with pytest.raises(CheckpointError, match=r"q_proj\.weight\.absmax"):
+    with pytest.raises(WeightsError, match=r"q_proj\.weight\.absmax"):
         nf4.from_hf_state(missing, "q_proj", torch.float32)
     short = dict(good, **{"q_proj.weight.absmax": good["q_proj.weight.absmax"][:1]})
-    with pytest.raises(CheckpointError, match="1 values; expected 8"):
+    with pytest.raises(WeightsError, match="1 values; expected 8"):
         nf4.from_hf_state(short, "q_proj", torch.float32)
     fp4 = dict(good, **{"q_proj.weight.quant_state.bitsandbytes__nf4": torch.tensor(
         list(json.dumps({"quant_type": "fp4", "blocksize": 64, "dtype": "float32", "shape": [8, 64]}).encode()),
         dtype=torch.uint8)})
-    with pytest.raises(CheckpointError, match="'fp4'"):
+    with pytest.raises(WeightsError, match="'fp4'"):
         nf4.from_hf_state(fp4, "q_proj", torch.float32)
 
 
