@@ -52,9 +52,10 @@ class LoRALinear(nn.Module):
         out = self.base_layer(x)
         if self.merged:
             return out
-        # peft: the LoRA path runs in the adapter's dtype, the sum is cast back to the base output's dtype.
-        h = self.dropout(x.to(self.lora_A.dtype))
-        return (out + (h @ self.lora_A.t() @ self.lora_B.t()) * self.scaling).to(out.dtype)
+        # peft: the LoRA path runs in the adapter's dtype and the sum is cast back to the output's dtype.
+        # Under autocast the matmuls run in bf16 whatever x is, so casting x up to fp32 would only cost copies.
+        h = x if torch.is_autocast_enabled(x.device.type) else x.to(self.lora_A.dtype)
+        return (out + (self.dropout(h) @ self.lora_A.t() @ self.lora_B.t()) * self.scaling).to(out.dtype)
 
     def delta_weight(self):
         """scaling * B @ A, the (out, in) update in fp32."""
