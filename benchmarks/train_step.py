@@ -52,7 +52,7 @@ def write_random_checkpoint(name, directory):
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(directory, safe_serialization=True)
-    vocab = {f"t{i}": i for i in range(8)}
+    vocab = {f"t{i}": i for i in range(config.vocab_size)}  # a stub covering every id the configs name
     Tokenizer(models.WordLevel(vocab, unk_token="t0")).save(os.path.join(directory, "tokenizer.json"))
     with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
         json.dump({"eos_token": "t1", "bos_token": "t2", "pad_token": "t0"}, f)
@@ -85,8 +85,10 @@ def minilora_stack(directory, ckpt):
     return model, loss_fn, load_peak
 
 
-def hf_stack(directory, ckpt):
-    from peft import LoraConfig, get_peft_model
+def hf_stack(directory, ckpt, recipe=True):
+    """recipe=True: the QLoRA recipe of the peft docs (prepare_model_for_kbit_training: fp32 norms,
+    embeddings and head, input grads, checkpointing); recipe=False: a lean variant without it."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     torch.cuda.reset_peak_memory_stats()
@@ -95,7 +97,10 @@ def hf_stack(directory, ckpt):
     model = AutoModelForCausalLM.from_pretrained(directory, quantization_config=quant, dtype=torch.bfloat16,
                                                  attn_implementation="sdpa", device_map={"": 0})
     load_peak = torch.cuda.max_memory_allocated()
-    if ckpt:
+    if recipe:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=ckpt,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS,
@@ -111,7 +116,7 @@ def hf_stack(directory, ckpt):
 
 
 def worker(args):
-    stack = {"minilora": minilora_stack, "hf": hf_stack}[args.worker]
+    stack = {"minilora": minilora_stack, "hf": hf_stack, "hf-lean": lambda d, c: hf_stack(d, c, recipe=False)}[args.worker]
     model, loss_fn, load_peak = stack(args.dir, args.ckpt == "on")
     vocab = model.config.vocab_size
     params = [p for p in model.parameters() if p.requires_grad]
@@ -180,13 +185,17 @@ def main_table(args):
         write_random_checkpoint(model_name, directory)
         ours = run_worker("minilora", directory, batch, seq, ckpt, args.steps)
         hf = run_worker("hf", directory, batch, seq, ckpt, args.steps)
-        row = dict(model=model_name, batch=batch, seq=seq, ckpt=ckpt, minilora=ours, hf=hf)
+        lean = run_worker("hf-lean", directory, batch, seq, ckpt, args.steps) if args.lean else {"error": "not run"}
+        row = dict(model=model_name, batch=batch, seq=seq, ckpt=ckpt, minilora=ours, hf=hf, hf_lean=lean)
         if "error" not in ours and "error" not in hf:
             row["loss_agree"] = abs(ours["first_loss"] - hf["first_loss"]) <= 0.02 * abs(hf["first_loss"])
             row["speedup"] = ours["tokens_per_s"] / hf["tokens_per_s"]
             row["memory_ratio"] = ours["peak_gib"] / hf["peak_gib"]
             row["mfu"] = ours["tokens_per_s"] * 4 * linear_params(model_name) / peak
             row["mfu_hf"] = hf["tokens_per_s"] * 4 * linear_params(model_name) / peak
+            if "error" not in lean:
+                row["speedup_lean"] = ours["tokens_per_s"] / lean["tokens_per_s"]
+                row["memory_ratio_lean"] = ours["peak_gib"] / lean["peak_gib"]
         rows.append(row)
         print(json.dumps(row), flush=True)
     return name, rows
@@ -212,16 +221,21 @@ def render(name, rows, max_seq, versions):
              f"Card: {name}. {versions}. Command: `python benchmarks/train_step.py`. Random weights at the real "
              "shapes, LoRA r=16 on all seven block linears, AdamW (fused), bf16 autocast, SDPA attention, each "
              "stack in its own process; the first-batch loss of both stacks is compared before timing.", "",
-             "| model | batch × seq | grad ckpt | minilora tok/s | HF tok/s | speedup | minilora peak GiB | HF peak GiB | memory ratio | MFU minilora / HF | losses agree |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---|---|"]
+             "HF = the peft QLoRA recipe (`prepare_model_for_kbit_training`, which keeps norms, embeddings and head in "
+             "fp32); HF lean = the same stack without that preparation (bf16 everywhere), a stronger baseline.", "",
+             "| model | batch × seq | grad ckpt | minilora tok/s | HF tok/s | speedup | minilora peak GiB | HF peak GiB | memory ratio | HF lean tok/s, peak GiB | speedup, memory ratio vs lean | MFU minilora / HF | losses agree |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---|---|---|---|"]
     for r in rows:
-        o, h = r["minilora"], r["hf"]
+        o, h, le = r["minilora"], r["hf"], r["hf_lean"]
         if "speedup" not in r:
-            lines.append(f"| {r['model']} | {r['batch']} × {r['seq']} | {'on' if r['ckpt'] else 'off'} | error | error | | | | | | |")
+            lines.append(f"| {r['model']} | {r['batch']} × {r['seq']} | {'on' if r['ckpt'] else 'off'} | error | error | | | | | | | | |")
             continue
         lines.append(f"| {r['model']} | {r['batch']} × {r['seq']} | {'on' if r['ckpt'] else 'off'} | "
                      f"{o['tokens_per_s']:,.0f} | {h['tokens_per_s']:,.0f} | {r['speedup']:.2f}× | {o['peak_gib']:.1f} | "
-                     f"{h['peak_gib']:.1f} | {r['memory_ratio']:.2f} | {100 * r['mfu']:.0f}% / {100 * r['mfu_hf']:.0f}% | "
+                     f"{h['peak_gib']:.1f} | {r['memory_ratio']:.2f} | "
+                     + (f"{le['tokens_per_s']:,.0f}, {le['peak_gib']:.1f} | {r['speedup_lean']:.2f}×, {r['memory_ratio_lean']:.2f} | "
+                        if "speedup_lean" in r else "not run | | ")
+                     + f"{100 * r['mfu']:.0f}% / {100 * r['mfu_hf']:.0f}% | "
                      f"{'yes' if r['loss_agree'] else 'NO'} ({o['first_loss']:.3f} vs {h['first_loss']:.3f}) |")
     loads = [f"{r['model']}: {r['minilora']['load_peak_gib']:.2f} GiB (HF {r['hf']['load_peak_gib']:.2f})"
              for r in rows if "speedup" in r and r["ckpt"] and r["batch"] == 8]
@@ -237,7 +251,7 @@ def render(name, rows, max_seq, versions):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--worker", choices=["minilora", "hf"])
+    parser.add_argument("--worker", choices=["minilora", "hf", "hf-lean"])
     parser.add_argument("--dir")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=512)
@@ -245,6 +259,7 @@ def main():
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--only")
     parser.add_argument("--max-seq", action="store_true")
+    parser.add_argument("--lean", action="store_true", help="also run the lean HF variant (no kbit-training prep)")
     parser.add_argument("--no-table", action="store_true")
     parser.add_argument("--workdir", default="/tmp/minilora-bench")
     parser.add_argument("--results", default=os.path.join(HERE, "RESULTS.md"))

@@ -49,6 +49,13 @@ class LoRALinear(nn.Module):
         self.merged = False
 
     def forward(self, x):
+        if x.is_cuda and not self.merged:  # one autograd node, LoRA accumulated into the base GEMM (kernels/lora.py)
+            from kernels.lora import lora_linear
+
+            mask = None
+            if self.training and self.dropout_p > 0:
+                mask = torch.rand_like(x, dtype=torch.float32) >= self.dropout_p
+            return lora_linear(x, self.base_layer, self.lora_A, self.lora_B, self.scaling, mask, self.dropout_p)
         out = self.base_layer(x)
         if self.merged:
             return out

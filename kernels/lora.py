@@ -1,0 +1,89 @@
+"""Fused LoRA linear: y = x W^T + bias + s (u A^T) B^T as one autograd node, u = dropout(x).
+
+Formula (LoRA, Hu et al. 2021; QLoRA keeps W frozen in NF4): W (N, K) frozen, A (r, K), B (N, r) trained,
+s = alpha / r. Backward with g = dL/dy (M, N) and xa = u A^T (M, r):
+
+    dB = s g^T xa                      (N, r)
+    dxa = s g B                        (M, r)
+    dA = dxa^T u                       (r, K)
+    dx = g W + (dxa A) * mask / (1 - p)     (the dropout mask; p = 0 means u = x)
+
+Why fused: built from autograd ops, the base matmul and the LoRA branch keep extra (M, N) tensors and run
+separate elementwise passes to add the branch in and to cast; here the branch is accumulated straight into
+the base GEMM's output with `addmm_` (beta = 1), the input gradient likewise, and the only activations saved
+are u (M, K) and xa (M, r). The frozen W is re-materialised in the backward from its packed NF4 form (a
+dequant is ~4x cheaper than keeping a bf16 copy around), or used as it is for a float base.
+
+Everything here is cuBLAS through torch; there is no Triton in this file. The reference is the composition
+`lora_linear_torch`. Test: tests/test_lora_fused.py. Used by minilora/lora.py on CUDA.
+"""
+import torch
+
+
+def _base_weight(base, dtype):
+    """The frozen base weight (N, K) in `dtype`: dequantized for a 4-bit layer, cast for an nn.Linear."""
+    if hasattr(base, "weight_packed"):
+        from kernels.backend import dequantize
+
+        return dequantize(base.state, dtype, base.backend)
+    return base.weight.to(dtype)
+
+
+def lora_linear_torch(x, base, lora_A, lora_B, scaling, dropout_mask=None, dropout_p=0.0):
+    """Reference: base(x) + s * (dropout(x) @ A^T) @ B^T with plain autograd ops, in x's dtype."""
+    u = x if dropout_mask is None else x * dropout_mask / (1 - dropout_p)
+    w = _base_weight(base, x.dtype)
+    y = x @ w.t() + (u @ lora_A.to(x.dtype).t()) @ lora_B.to(x.dtype).t() * scaling
+    return y if base.bias is None else y + base.bias.to(x.dtype)
+
+
+class _LoRALinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, lora_A, lora_B, base, scaling, dropout_mask, dropout_p):
+        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") and x.is_cuda else x.dtype
+        with torch.autocast(x.device.type, enabled=False):
+            x = x.to(dtype)
+            a, b = lora_A.to(dtype), lora_B.to(dtype)
+            shape = x.shape
+            x2 = x.reshape(-1, shape[-1])
+            u = x2 if dropout_mask is None else x2 * dropout_mask.reshape(x2.shape).to(dtype) / (1 - dropout_p)
+            y = x2 @ _base_weight(base, dtype).t()
+            xa = u @ a.t()
+            y.addmm_(xa, b.t(), alpha=scaling)
+            if base.bias is not None:
+                y += base.bias.to(dtype)
+        ctx.save_for_backward(u, xa, a, b, dropout_mask)
+        ctx.base, ctx.scaling, ctx.dropout_p, ctx.dtypes = base, scaling, dropout_p, (x.dtype, lora_A.dtype, lora_B.dtype)
+        return y.reshape(*shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        u, xa, a, b, mask = ctx.saved_tensors
+        x_dtype, a_dtype, b_dtype = ctx.dtypes
+        with torch.autocast(grad_y.device.type, enabled=False):
+            g = grad_y.reshape(-1, grad_y.shape[-1]).to(u.dtype)
+            grad_B = (g.t() @ xa).mul_(ctx.scaling)
+            dxa = (g @ b).mul_(ctx.scaling)
+            grad_A = dxa.t() @ u
+            grad_x = None
+            if ctx.needs_input_grad[0]:
+                grad_x = g @ _base_weight(ctx.base, u.dtype)
+                if mask is None:
+                    grad_x.addmm_(dxa, a)
+                else:
+                    grad_x += (dxa @ a) * mask.reshape(grad_x.shape).to(u.dtype) / (1 - ctx.dropout_p)
+                grad_x = grad_x.reshape(*grad_y.shape[:-1], grad_x.shape[-1]).to(x_dtype)
+        return grad_x, grad_A.to(a_dtype), grad_B.to(b_dtype), None, None, None, None
+
+
+def lora_linear(x, base, lora_A, lora_B, scaling, dropout_mask=None, dropout_p=0.0):
+    """Fused base(x) + s * (dropout(x) @ A^T) @ B^T. `base` is a frozen nn.Linear or minilora Linear4bit;
+    `dropout_mask` (x's shape, bool) or None. Under CUDA autocast everything runs in the autocast dtype."""
+    if x.shape[-1] != lora_A.shape[1] or lora_B.shape[1] != lora_A.shape[0]:
+        raise ValueError(f"lora_linear: x (..., {x.shape[-1]}), lora_A {tuple(lora_A.shape)}, lora_B "
+                         f"{tuple(lora_B.shape)} do not chain (need A (r, K), B (N, r), x (..., K))")
+    if dropout_mask is not None and dropout_mask.shape != x.shape:
+        raise ValueError(f"lora_linear: dropout_mask {tuple(dropout_mask.shape)} must have x's shape {tuple(x.shape)}")
+    if not 0 <= dropout_p < 1:
+        raise ValueError(f"lora_linear: dropout_p={dropout_p}, expected 0 <= p < 1")
+    return _LoRALinear.apply(x, lora_A, lora_B, base, scaling, dropout_mask, dropout_p)
