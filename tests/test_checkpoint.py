@@ -23,6 +23,16 @@ from minilora.lora import apply_lora, lora_parameters
 shutil_usage = namedtuple("usage", "total used free")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: these tiny matmuls gain nothing from two, and on a shared 2-core machine
+    a second thread waiting for a busy core made the same steps up to 20x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 class Tiny(nn.Module):
     def __init__(self):
         super().__init__()

@@ -38,6 +38,16 @@ regen = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(regen)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: these tiny matmuls gain nothing from two, and on a shared 2-core machine
+    a second thread waiting for a busy core made the same steps up to 20x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     """(base model dir, data file): the expected-loss recipe's inputs, written once."""
@@ -57,7 +67,7 @@ def _losses(out):
 
 def _run_cli(args, env=None, timeout=240):
     return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": ROOT, **(env or {})})
+                          text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", **(env or {})})
 
 
 # ------------------------------------------------------------------------------------------- config
@@ -141,7 +151,8 @@ def test_sigkill_during_checkpoint_write_resumes_from_last_complete(inputs, tmp_
             "--grad-accum-steps", "2", "--max-seq-len", "256", "--test-fraction", "0.125", "--learning-rate", "1e-3",
             "--lr-schedule", "cosine", "--save-every", "2", "--eval-every", "0", "--no-progress"]
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=ROOT,
-                            env={**os.environ, "PYTHONPATH": ROOT, "MINILORA_TEST_CHECKPOINT_PAUSE": "4:120"},
+                            env={**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1",
+                                 "MINILORA_TEST_CHECKPOINT_PAUSE": "4:120"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 180
