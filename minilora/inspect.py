@@ -19,10 +19,15 @@ For the chosen model it prints
 With `--adapter` (a PEFT LoRA directory) it also shows, per LoRA layer, ||scaling * B A||_F against
 ||W||_F, the layers that moved most, and the effective rank of each update (`update_spectrum`).
 
-The activation formulas follow what autograd saves in minilora's own forward (model.py, lora.py,
-kernels/backend.py): on CPU in fp32 (what tests check exactly) and on CUDA under bf16 autocast with
-fp32 LoRA weights (what trainer.py runs). They are for the fused-attention path (SDPA: q, k, v, output
-and log-sum-exp, no T x T matrix) except Gemma 2's soft-capped attention, which keeps T x T scores.
+The activation formulas follow what autograd keeps in minilora's own forward (model.py, lora.py,
+kernels/): on CPU in fp32 with the plain-torch lines, and on CUDA under bf16 autocast with fp32 LoRA
+weights and the Triton training kernels (what trainer.py runs there). tests/test_inspect.py checks them
+byte for byte against the measurement on CPU for every attention path (SDPA with and without window
+masks, Gemma 2's soft-capped attention with its T x T scores, Gemma 3's q/k norms); on an H100 they
+matched byte for byte too, for all six tiny families and a SmolLM2-135M-shaped model (2026-11-25).
+
+The file is longer than STYLE's 600 lines on purpose: each estimate sits beside the measurement that
+checks it, so one file answers "where does the memory go" end to end.
 """
 import argparse
 import contextlib
@@ -37,7 +42,7 @@ from collections import Counter
 import torch
 
 from .config import TrainConfig, load_config
-from .errors import MiniloraError
+from .errors import CheckpointError, ConfigError, MiniloraError
 
 _DEFAULTS = TrainConfig()  # every training default lives in TrainConfig; none is repeated here
 
@@ -322,7 +327,7 @@ class SavedTensorsMeter:
             if ptr in self.inputs:
                 out["inputs"] += nbytes
             else:
-                out[owners.pop() if len(owners) == 1 else "head"] += nbytes
+                out[next(iter(owners)) if len(owners) == 1 else "head"] += nbytes
         return out
 
     def total(self):
@@ -474,29 +479,37 @@ def adapter_updates(model_dir, config, adapter_dir):
     cfg = read_adapter_config(adapter_dir)
     r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
     scaling = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+    path = os.path.join(adapter_dir, ADAPTER_WEIGHTS)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path} is missing: a PEFT adapter directory needs it beside adapter_config.json.")
     pairs = {}
-    with safe_open(os.path.join(adapter_dir, ADAPTER_WEIGHTS), framework="pt", device="cpu") as f:
+    with safe_open(path, framework="pt", device="cpu") as f:
         for key in f.keys():
             module, _, kind = key.removeprefix(PEFT_PREFIX).rpartition(".lora_")
             pairs.setdefault(module, {})[kind.split(".")[0]] = f.get_tensor(key).float()
-    # a tied head's weight is the embedding
     source = {m + ".weight": m for m in pairs}
     if config.tie_word_embeddings and "lm_head" in pairs:
-        source["model.embed_tokens.weight"] = "lm_head"
-    norms = {source[n]: w.float().norm().item() for n, w in stream_weights(model_dir, config, source.__contains__)}
+        source["model.embed_tokens.weight"] = "lm_head"  # a tied head's weight is the embedding
+    weights = {source[n]: (w.float().norm().item(), tuple(w.shape))
+               for n, w in stream_weights(model_dir, config, source.__contains__)}
     rows = []
     for module, ab in pairs.items():
-        if set(ab) != {"A", "B"} or module not in norms:
-            raise MiniloraError(f"{adapter_dir}: LoRA layer {module!r} needs lora_A and lora_B and a base weight "
-                                f"in {model_dir}; found {sorted(ab)}.")
+        if module not in weights:
+            raise CheckpointError(f"{path}: LoRA layer {module!r} has no weight {module}.weight in {model_dir}; "
+                                  "was the adapter trained on another model?")
+        shape = weights[module][1]
+        if set(ab) != {"A", "B"} or ab["B"].shape[0] != shape[0] or ab["A"].shape[1] != shape[1]:
+            found = {k: list(v.shape) for k, v in ab.items()}
+            raise CheckpointError(f"{path}: LoRA layer {module!r} needs lora_A (r, {shape[1]}) and lora_B "
+                                  f"({shape[0]}, r) for its base weight {list(shape)}; found {found}.")
         s = update_spectrum(ab["A"], ab["B"], scaling)
         erank, rank_1pct = effective_rank(s)
         update = s.square().sum().sqrt().item()  # ||M||_F^2 is the sum of its squared singular values
-        rows.append({"name": module, "update_fro": update, "weight_fro": norms[module],
-                     "relative": update / norms[module], "erank": erank, "rank_1pct": rank_1pct,
-                     "singular_values": s.tolist()})
-    return {"r": r, "alpha": alpha, "scaling": scaling, "targets": cfg["target_modules"],
-            "layers": sorted(rows, key=lambda row: -row["relative"])}
+        norm = weights[module][0]
+        rows.append({"name": module, "update_fro": update, "weight_fro": norm, "relative": update / norm,
+                     "erank": erank, "rank_1pct": rank_1pct, "singular_values": s.tolist()})
+    return {"r": r, "alpha": alpha, "dropout": float(cfg.get("lora_dropout") or 0.0), "scaling": scaling,
+            "targets": cfg["target_modules"], "layers": sorted(rows, key=lambda row: -row["relative"])}
 
 
 # ----------------------------------------------------------------------------------- the report
@@ -515,12 +528,10 @@ def inspect_model(model_dir, r=_DEFAULTS.lora_r, alpha=_DEFAULTS.lora_alpha, dro
     adapter_report = None
     if adapter is not None:
         adapter_report = adapter_updates(model_dir, config, adapter)
-        from .lora import read_adapter_config
-
-        cfg = read_adapter_config(adapter)
-        r, alpha, dropout = adapter_report["r"], adapter_report["alpha"], float(cfg.get("lora_dropout") or 0.0)
-        targets = adapter_report["targets"]
+        r, alpha, dropout, targets = (adapter_report[k] for k in ("r", "alpha", "dropout", "targets"))
         targets = r"(?!lm_head$).*" if targets == "all-linear" else targets  # as lora.load_adapter
+    if blocks is not None and not set(blocks) <= set(range(config.num_hidden_layers)):
+        raise ConfigError(f"--blocks {sorted(blocks)}: {model_dir} has blocks 0 to {config.num_hidden_layers - 1}.")
     device = torch.device(device)
     model = meta_model(config, r, alpha, targets, dropout)
     report = {
@@ -671,7 +682,7 @@ def plot_report(rep, path):
             s = rep["settings"]
             ax.set_xlabel("MiB (estimated)")
             ax.set_title(f"training memory, batch {s['batch']} x {s['seq_len']}, {s['dtype']}")
-            ax.legend(fontsize=7, loc="lower right")
+            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -704,11 +715,11 @@ def main(argv=None):
 
     try:
         if args.batch < 1 or args.seq_len < 1 or args.rank < 1:
-            raise MiniloraError(f"--batch {args.batch}, --seq-len {args.seq_len}, --rank {args.rank}: expected "
-                                "positive integers.")
+            raise ConfigError(f"--batch {args.batch}, --seq-len {args.seq_len}, --rank {args.rank}: expected "
+                              "positive integers.")
         device, dtype = resolve_device_and_dtype(TrainConfig(device=args.device, dtype=args.dtype))
         if args.measure and device.type == "cuda" and not torch.cuda.is_available():
-            raise MiniloraError("--measure on cuda: no CUDA device is visible here; use --device cpu to measure on CPU.")
+            raise ConfigError("--measure on cuda: no CUDA device is visible here; use --device cpu to measure on CPU.")
         report = inspect_model(args.model, args.rank, args.alpha, args.dropout, tuple(args.targets), args.batch,
                                args.seq_len, dtype, device, args.adapter, args.measure, args.errors,
                                set(args.blocks) if args.blocks else None)
