@@ -267,6 +267,35 @@ def read_adapter_config(directory):
     return cfg
 
 
+# Phi-3 checkpoints fuse these projections; minilora splits them at load time (weights.py), so a peft
+# adapter on a fused layer becomes one LoRA per part: the same A, and B cut by rows (exact, as
+# dW_qkv = B A stacks dW_q = B[q rows] A, dW_k = B[k rows] A, dW_v = B[v rows] A).
+FUSED_PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def _unfused_targets(targets, fused):
+    if not fused or isinstance(targets, str):
+        return targets
+    return [part for t in targets for part in FUSED_PARTS.get(t, (t,))]
+
+
+def _destinations(key, params, fused):
+    """[(our PEFT-style key, row slice or None)] that the file tensor `key` fills; [] if none."""
+    if key in params:
+        return [(key, None)]
+    for fused_name, parts in FUSED_PARTS.items() if fused else ():
+        head, sep, tail = key.partition(f".{fused_name}.")  # tail: "lora_A.weight" / "lora_B.weight"
+        names = [f"{head}.{part}.{tail}" for part in parts]
+        if sep and all(n in params for n in names):
+            if tail.startswith("lora_A"):
+                return [(n, None) for n in names]
+            starts = [0]
+            for n in names:
+                starts.append(starts[-1] + params[n].shape[0])
+            return [(n, slice(a, b)) for n, a, b in zip(names, starts, starts[1:])]
+    return []
+
+
 def load_adapter(model, directory):
     """Attach the PEFT LoRA adapter in `directory` to `model` (which must not have LoRA layers yet).
 
@@ -277,9 +306,10 @@ def load_adapter(model, directory):
     targets = cfg["target_modules"]
     if targets == "all-linear":  # peft: every linear except the output head
         targets = r"(?!lm_head$).*"
+    fused = bool(getattr(getattr(model, "config", None), "fused_qkv", False))
     try:
         apply_lora(model, int(cfg["r"]), float(cfg["lora_alpha"]), float(cfg.get("lora_dropout") or 0.0),
-                   targets, bool(cfg.get("use_rslora", False)))
+                   _unfused_targets(targets, fused), bool(cfg.get("use_rslora", False)))
     except ConfigError as e:
         raise CheckpointError(f"{os.path.join(directory, ADAPTER_CONFIG)} does not fit this model: {e}") from None
     path = os.path.join(directory, ADAPTER_WEIGHTS)
@@ -294,16 +324,22 @@ def load_adapter(model, directory):
         raise CheckpointError(f"{path}: cannot be read as safetensors ({e}); the file is truncated or corrupt.") from None
     with handle:
         for key in handle.keys():
-            if key not in params:
+            destinations = _destinations(key, params, fused)
+            if not destinations:
                 problems.append(f"unexpected tensor {key!r} (no LoRA layer of that name)")
                 continue
             tensor = handle.get_tensor(key)
-            if tuple(tensor.shape) != tuple(params[key].shape):
-                problems.append(f"tensor {key!r} has shape {list(tensor.shape)}, expected {list(params[key].shape)}")
+            expected = list(params[destinations[0][0]].shape)
+            if destinations[0][1] is not None:  # a fused B: the parts' rows stacked
+                expected[0] = destinations[-1][1].stop
+            if list(tensor.shape) != expected:
+                problems.append(f"tensor {key!r} has shape {list(tensor.shape)}, expected {expected}")
                 continue
             with torch.no_grad():
-                params[key].copy_(tensor.to(device=params[key].device, dtype=params[key].dtype))
-            filled.add(key)
+                for name, rows in destinations:
+                    part = tensor if rows is None else tensor[rows]
+                    params[name].copy_(part.to(device=params[name].device, dtype=params[name].dtype))
+                    filled.add(name)
     missing = sorted(set(params) - filled)
     if missing:
         problems.append(f"missing tensors: {', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}")

@@ -148,6 +148,29 @@ def test_peft_adapter_loads_into_minilora(ckpts, tmp_path):
     assert_close(ours, theirs, 1e-4, 1e-4, "peft adapter: minilora vs peft logits")
 
 
+def test_peft_adapter_on_fused_phi3_projections_loads_exactly(ckpts, tmp_path):
+    """Phi-3's qkv_proj / gate_up_proj are split in minilora: A is shared, B is cut by rows."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(6)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["qkv_proj", "gate_up_proj", "o_proj"],
+                     init_lora_weights=False, task_type="CAUSAL_LM")
+    peft_model = get_peft_model(_hf(ckpts["phi3"]), cfg).eval()
+    peft_model.save_pretrained(str(tmp_path / "phi3_adapter"))
+    ids = _ids(seed=2)
+    with torch.no_grad():
+        theirs = peft_model(input_ids=ids).logits.float()
+        with peft_model.disable_adapter():
+            base = peft_model(input_ids=ids).logits.float()
+    assert (theirs - base).abs().max() > 1e-2
+    model, _ = load_model(ckpts["phi3"], adapter=str(tmp_path / "phi3_adapter"))
+    names = {n.rsplit(".", 1)[-1] for n in lora_modules(model)}
+    assert names == {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "o_proj"}
+    with torch.no_grad():
+        ours = model(ids)
+    assert_close(ours, theirs, 1e-4, 1e-4, "phi3 fused peft adapter: minilora vs peft logits")
+
+
 def test_merged_equals_unmerged_and_unmerge_restores(ckpts):
     model, _ = load_model(ckpts["llama"])
     apply_lora(model, r=4, alpha=16)
