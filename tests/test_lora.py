@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from minilora import load_model
 from minilora.errors import CheckpointError, ConfigError, NonFiniteError
-from minilora.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, DEFAULT_TARGETS, LoRALinear, apply_lora, load_adapter,
+from minilora.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, DEFAULT_TARGETS, apply_lora, load_adapter,
                            lora_modules, merge_lora, save_adapter, save_merged, unmerge_lora)
 from tiny import make_checkpoint
 
