@@ -74,6 +74,8 @@ class EvalConfig:
     top_p: float = _field(1.0, "nucleus sampling mass (with temperature > 0)")
     seed: int = _field(0, "seed of the sampler")
     stop: tuple = _field((), "extra stop strings (cut from the answer); EOS always stops")
+    compile: bool = _field(False, "GPU: torch.compile the decode step inside its CUDA graph (faster at batch >= 8; "
+                           "10-40 s of compiling per prompt-length bucket)")
     progress: bool = _field(True, "show a tqdm progress bar")
     # --study (minilora/study.py)
     study: bool = _field(False, "run the whole study table: untuned, QLoRA-tuned, relative improvement")
@@ -183,7 +185,8 @@ def _generate(config, model, tok, prompts, stop):
     with _progress(config, len(prompts), "generating") as bar:
         completions = generate_text(model, tok, prompts, config.max_new_tokens, batch_size=config.batch_size,
                                     temperature=config.temperature, top_p=config.top_p, generator=generator,
-                                    stop_strings=tuple(stop), progress=bar.update, stats=stats)
+                                    stop_strings=tuple(stop), compile=config.compile, progress=bar.update,
+                                    stats=stats)
     return completions, stats
 
 
