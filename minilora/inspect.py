@@ -42,7 +42,7 @@ from collections import Counter
 import torch
 
 from .config import TrainConfig, load_config
-from .errors import CheckpointError, ConfigError, MiniloraError
+from .errors import CheckpointError, ConfigError, MiniloraError, WeightsError
 
 _DEFAULTS = TrainConfig()  # every training default lives in TrainConfig; none is repeated here
 
@@ -418,6 +418,11 @@ def stream_weights(model_dir, config, names=None):
                 wanted = [(n, rows) for n, rows in key_map.get(key, []) if names is None or names(n)]
                 if wanted:
                     tensor = handle.get_tensor(key)
+                    if not tensor.is_floating_point():  # weights.save_quantized wrote packed uint8 NF4
+                        raise WeightsError(f"{path}: {key!r} is stored as {tensor.dtype} (a pre-quantized 4-bit "
+                                           "checkpoint): its float original, which the NF4 error and the adapter "
+                                           "norms compare against, is not there. Inspect the float checkpoint, "
+                                           "or pass --no-errors (and no --adapter).")
                     for name, rows in wanted:
                         yield name, tensor if rows is None else tensor[rows]
 
@@ -656,6 +661,7 @@ def plot_report(rep, path):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     panels = [p for p in ("error", "memory", "adapter") if p == "memory" or rep.get({"error": "nf4_error"}.get(p, p))]
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
@@ -666,6 +672,7 @@ def plot_report(rep, path):
                 pts = sorted((_block_of(r["name"]), r[key]) for r in rows if r["name"].endswith("." + kind))
                 ax.plot([b for b, _ in pts], [v for _, v in pts], marker=".", label=kind)
             ax.set_xlabel("block")
+            ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
             ax.set_ylabel("||W - Q||_F / ||W||_F" if panel == "error" else "||scaling B A||_F / ||W||_F")
             ax.set_title("NF4 error per layer" if panel == "error" else "LoRA update per layer")
             ax.legend(fontsize=7)

@@ -226,3 +226,16 @@ def test_smollm2_135m():
     for key in ("nf4_packed", "nf4_stats", "float_weights", "lora_weights", "adamw_state", "activations",
                 "activations_checkpointed"):
         assert est[key] == got[key], f"{key}: estimated {est[key]}, measured {got[key]}"
+
+
+def test_prequantized_checkpoint_has_no_float_original(checkpoints, tmp_path, capsys):
+    from minilora.weights import save_quantized
+
+    directory, _ = checkpoints["llama"]
+    save_quantized(load_model(directory, quantize="nf4")[0], tmp_path / "q4")
+    args = ["--model", str(tmp_path / "q4"), "--rank", "4", "--batch", "1", "--seq-len", "8"]
+    assert ins.main(args) == 1
+    assert "pre-quantized" in capsys.readouterr().err
+    assert ins.main(args + ["--no-errors", "--json"]) == 0  # counts and estimates need only config.json
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["parameters"]["total"] == ins.count_parameters(ins.meta_model(load_config(directory), 4, 8, ALL))["total"]
