@@ -539,13 +539,14 @@ def inspect_model(model_dir, r=_DEFAULTS.lora_r, alpha=_DEFAULTS.lora_alpha, dro
         raise ConfigError(f"--blocks {sorted(blocks)}: {model_dir} has blocks 0 to {config.num_hidden_layers - 1}.")
     device = torch.device(device)
     model = meta_model(config, r, alpha, targets, dropout)
+    shown = ("model_type", "num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+             "num_key_value_heads", "head_dim", "vocab_size", "tie_word_embeddings")
     report = {
         "model": model_dir,
-        "config": {k: getattr(config, k) for k in ("model_type", "num_hidden_layers", "hidden_size", "intermediate_size",
-                                                  "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size",
-                                                  "tie_word_embeddings")},
-        "settings": {"r": r, "alpha": alpha, "dropout": dropout, "targets": targets if isinstance(targets, str) else list(targets),
-                     "batch": batch, "seq_len": seq_len, "dtype": str(dtype).removeprefix("torch."), "device": device.type},
+        "config": {k: getattr(config, k) for k in shown},
+        "settings": {"r": r, "alpha": alpha, "dropout": dropout,
+                     "targets": targets if isinstance(targets, str) else list(targets), "batch": batch,
+                     "seq_len": seq_len, "dtype": str(dtype).removeprefix("torch."), "device": device.type},
         "parameters": count_parameters(model),
         "lora_layers": len(lora_modules(model)),
         "memory": {"estimated": estimate_memory(model, r, dropout, batch, seq_len, dtype, device), "measured": None},
@@ -596,9 +597,10 @@ def format_report(rep, top=10):
     lines.append(f"Memory of one training step: batch {s['batch']} x {s['seq_len']} tokens, {s['dtype']} on "
                  f"{s['device']}, LoRA dropout {s['dropout']:g}")
     lines.append(f"  {'':44}{'estimated':>12}{'measured' if mea else '':>12}")
-    def row(label, key, measured_key=None):
-        m = _size(mea.get(measured_key or key)) if mea else ""
-        lines.append(f"  {label:44}{_size(est[key]):>12}{m:>12}")
+
+    def row(label, key):
+        lines.append(f"  {label:44}{_size(est[key]):>12}{_size(mea.get(key)) if mea else '':>12}")
+
     for key, label in _MEMORY_ROWS:
         row(label, key)
     static = sum(est[k] for k in _STATIC)
@@ -631,8 +633,9 @@ def format_report(rep, top=10):
     a = rep["adapter"]
     if a:
         rows = a["layers"]
-        lines += ["", f"LoRA adapter: r={a['r']}, alpha={a['alpha']:g}, scaling={a['scaling']:g}; the {min(top, len(rows))} "
-                      f"of {len(rows)} layers that moved most (relative = ||scaling B A||_F / ||W||_F)",
+        lines += ["", f"LoRA adapter: r={a['r']}, alpha={a['alpha']:g}, scaling={a['scaling']:g}; the "
+                      f"{min(top, len(rows))} of {len(rows)} layers that moved most "
+                      "(relative = ||scaling B A||_F / ||W||_F)",
                   "  effective rank = exp(entropy of the normalised singular values of B A) (Roy & Vetterli 2007); "
                   "rank@1% = singular values above 1% of the largest",
                   f"  {'layer':42}{'||sBA||_F':>11}{'||W||_F':>10}{'relative':>10}{'eff.rank':>9}{'rank@1%':>8}"]

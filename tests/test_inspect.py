@@ -26,9 +26,9 @@ CPU = torch.device("cpu")
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    """family -> (directory, transformers model) for the families with distinct activation paths."""
+    """family -> (directory, transformers model) for all six families."""
     out = {}
-    for family in ("llama", "gemma2", "gemma3_text", "phi3"):
+    for family in ("llama", "qwen2", "gemma", "gemma2", "gemma3_text", "phi3"):
         directory = tmp_path_factory.mktemp(family)
         out[family] = (str(directory), make_checkpoint(family, directory))
     return out
@@ -88,7 +88,8 @@ def _saved_bytes(model, batch):
 
 
 @pytest.mark.parametrize("family,targets,dropout", [
-    ("llama", ALL, 0.0), ("llama", ("v_proj", "down_proj"), 0.1), ("gemma2", ALL, 0.1),
+    ("llama", ALL, 0.0), ("llama", ("v_proj", "down_proj"), 0.1), ("qwen2", ALL, 0.1),
+    ("gemma", ("q_proj", "up_proj"), 0.0), ("gemma2", ALL, 0.1),
     ("gemma2", ("v_proj",), 0.0), ("gemma3_text", ("o_proj", "up_proj"), 0.0), ("phi3", ALL, 0.1)])
 def test_memory_estimate_equals_measurement(checkpoints, family, targets, dropout):
     directory, _ = checkpoints[family]
@@ -238,4 +239,5 @@ def test_prequantized_checkpoint_has_no_float_original(checkpoints, tmp_path, ca
     assert "pre-quantized" in capsys.readouterr().err
     assert ins.main(args + ["--no-errors", "--json"]) == 0  # counts and estimates need only config.json
     rep = json.loads(capsys.readouterr().out)
-    assert rep["parameters"]["total"] == ins.count_parameters(ins.meta_model(load_config(directory), 4, 8, ALL))["total"]
+    expected = ins.count_parameters(ins.meta_model(load_config(directory), 4, 8, ALL))
+    assert rep["parameters"]["total"] == expected["total"]
