@@ -479,7 +479,7 @@ def adapter_updates(model_dir, config, adapter_dir):
     float weight (NF4 training adds B A to its quantized copy; the difference is the NF4 error above)."""
     from safetensors import safe_open
 
-    from .lora import ADAPTER_WEIGHTS, PEFT_PREFIX, read_adapter_config
+    from .lora import ADAPTER_WEIGHTS, FUSED_PARTS, PEFT_PREFIX, read_adapter_config
 
     cfg = read_adapter_config(adapter_dir)
     r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
@@ -492,11 +492,22 @@ def adapter_updates(model_dir, config, adapter_dir):
         for key in f.keys():
             module, _, kind = key.removeprefix(PEFT_PREFIX).rpartition(".lora_")
             pairs.setdefault(module, {})[kind.split(".")[0]] = f.get_tensor(key).float()
-    source = {m + ".weight": m for m in pairs}
+    source = {}  # the weights each LoRA layer adapts, by parameter name
+    for module in pairs:
+        head, _, leaf = module.rpartition(".")
+        if config.fused_qkv and leaf in FUSED_PARTS:  # a peft adapter of Phi-3's fused qkv_proj / gate_up_proj
+            source.update({f"{head}.{part}.weight": module for part in FUSED_PARTS[leaf]})
+        else:
+            source[module + ".weight"] = module
     if config.tie_word_embeddings and "lm_head" in pairs:
         source["model.embed_tokens.weight"] = "lm_head"  # a tied head's weight is the embedding
-    weights = {source[n]: (w.float().norm().item(), tuple(w.shape))
-               for n, w in stream_weights(model_dir, config, source.__contains__)}
+    squares, shapes = Counter(), {}  # a fused weight: the squared norms add, the rows stack
+    for name, w in stream_weights(model_dir, config, source.__contains__):
+        module = source[name]
+        squares[module] += w.float().square().sum().item()
+        rows = shapes.get(module, (0, w.shape[1]))[0]
+        shapes[module] = (rows + w.shape[0], w.shape[1])
+    weights = {m: (math.sqrt(squares[m]), shapes[m]) for m in shapes}
     rows = []
     for module, ab in pairs.items():
         if module not in weights:
@@ -534,7 +545,12 @@ def inspect_model(model_dir, r=_DEFAULTS.lora_r, alpha=_DEFAULTS.lora_alpha, dro
     if adapter is not None:
         adapter_report = adapter_updates(model_dir, config, adapter)
         r, alpha, dropout, targets = (adapter_report[k] for k in ("r", "alpha", "dropout", "targets"))
-        targets = r"(?!lm_head$).*" if targets == "all-linear" else targets  # as lora.load_adapter
+        if targets == "all-linear":  # as lora.load_adapter
+            targets = r"(?!lm_head$).*"
+        elif not isinstance(targets, str):  # Phi-3: peft's fused names become our split linears
+            from .lora import FUSED_PARTS
+
+            targets = [p for t in targets for p in (FUSED_PARTS.get(t, (t,)) if config.fused_qkv else (t,))]
     if blocks is not None and not set(blocks) <= set(range(config.num_hidden_layers)):
         raise ConfigError(f"--blocks {sorted(blocks)}: {model_dir} has blocks 0 to {config.num_hidden_layers - 1}.")
     device = torch.device(device)

@@ -6,6 +6,7 @@ formulas against bytes autograd really saves (counted here with our own saved_te
 error table against dequantizing the loaded NF4 model; adapter norms and spectra against torch.linalg
 on the full B @ A. Marked `real`: the same on SmolLM2-135M.
 """
+import copy
 import json
 import math
 
@@ -241,3 +242,28 @@ def test_prequantized_checkpoint_has_no_float_original(checkpoints, tmp_path, ca
     rep = json.loads(capsys.readouterr().out)
     expected = ins.count_parameters(ins.meta_model(load_config(directory), 4, 8, ALL))
     assert rep["parameters"]["total"] == expected["total"]
+
+
+def test_peft_adapter_on_phi3_fused_layers(checkpoints, tmp_path):
+    """peft names Phi-3's fused qkv_proj / gate_up_proj: ||W|| is the fused weight's, B A spans its rows."""
+    from peft import LoraConfig, get_peft_model
+
+    directory, hf = checkpoints["phi3"]
+    fused = {n: p.detach().clone() for n, p in hf.named_parameters()}
+    peft_model = get_peft_model(copy.deepcopy(hf), LoraConfig(r=4, lora_alpha=8, target_modules=["qkv_proj", "gate_up_proj"]))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    peft_model.save_pretrained(tmp_path / "adapter")
+    rep = ins.inspect_model(directory, adapter=str(tmp_path / "adapter"), batch=1, seq_len=4, errors=False)
+    modules = dict(peft_model.named_modules())
+    assert len(rep["adapter"]["layers"]) == 2 * load_config(directory).num_hidden_layers
+    for u in rep["adapter"]["layers"]:
+        m = modules["base_model.model." + u["name"]]
+        delta = (m.lora_B.default.weight.double() @ m.lora_A.default.weight.double()) * 2.0
+        assert u["update_fro"] == pytest.approx(delta.norm().item(), rel=1e-9)
+        assert u["weight_fro"] == pytest.approx(fused[u["name"] + ".weight"].norm().item(), rel=1e-6)
+    # the memory estimate is for our split layers: q, k, v, gate, up each get their own A
+    split = ins.meta_model(load_config(directory), 4, 8, ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"))
+    assert rep["parameters"]["lora"] == ins.count_parameters(split)["lora"]
