@@ -116,24 +116,45 @@ def hf_stack(directory, ckpt, recipe=True):
 
 
 def worker(args):
-    stack = {"minilora": minilora_stack, "hf": hf_stack, "hf-lean": lambda d, c: hf_stack(d, c, recipe=False)}[args.worker]
+    stack = {"minilora": minilora_stack, "minilora-graph": minilora_stack, "hf": hf_stack,
+             "hf-lean": lambda d, c: hf_stack(d, c, recipe=False)}[args.worker]
     model, loss_fn, load_peak = stack(args.dir, args.ckpt == "on")
     vocab = model.config.vocab_size
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=2e-4, fused=True)
+    graph = args.worker == "minilora-graph"
+    optimizer = torch.optim.AdamW(params, lr=2e-4, fused=True, capturable=graph)
     ids, labels = batch_of(vocab, args.batch, args.seq, seed=1)
     with torch.no_grad():
         first_loss = loss_fn(*batch_of(vocab, 2, 128, seed=0)).item()
 
-    def step():
+    def eager_step():
         loss = loss_fn(ids, labels)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 0.3)
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=not graph)
         return loss
 
     torch.cuda.reset_peak_memory_stats()
+    if graph:  # the whole step (forward, backward, clip, AdamW) captured once and replayed: no CPU launch cost
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                eager_step()
+        torch.cuda.current_stream().wait_stream(side)
+        cuda_graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(cuda_graph):
+            static_loss = loss_fn(ids, labels)
+            static_loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 0.3)
+            optimizer.step()
+
+        def step():
+            cuda_graph.replay()  # a real loop copies the next batch into `ids`/`labels` first
+            return static_loss
+    else:
+        step = eager_step
     for _ in range(2):
         step()
     torch.cuda.synchronize()
@@ -184,15 +205,18 @@ def main_table(args):
         directory = os.path.join(args.workdir, model_name)
         write_random_checkpoint(model_name, directory)
         ours = run_worker("minilora", directory, batch, seq, ckpt, args.steps)
+        graphed = run_worker("minilora-graph", directory, batch, seq, ckpt, args.steps) if args.graph else {"error": "not run"}
         hf = run_worker("hf", directory, batch, seq, ckpt, args.steps)
         lean = run_worker("hf-lean", directory, batch, seq, ckpt, args.steps) if args.lean else {"error": "not run"}
-        row = dict(model=model_name, batch=batch, seq=seq, ckpt=ckpt, minilora=ours, hf=hf, hf_lean=lean)
+        row = dict(model=model_name, batch=batch, seq=seq, ckpt=ckpt, minilora=ours, hf=hf, hf_lean=lean, graph=graphed)
         if "error" not in ours and "error" not in hf:
             row["loss_agree"] = abs(ours["first_loss"] - hf["first_loss"]) <= 0.02 * abs(hf["first_loss"])
             row["speedup"] = ours["tokens_per_s"] / hf["tokens_per_s"]
             row["memory_ratio"] = ours["peak_gib"] / hf["peak_gib"]
             row["mfu"] = ours["tokens_per_s"] * 4 * linear_params(model_name) / peak
             row["mfu_hf"] = hf["tokens_per_s"] * 4 * linear_params(model_name) / peak
+            if "error" not in graphed:
+                row["speedup_graph"] = graphed["tokens_per_s"] / hf["tokens_per_s"]
             if "error" not in lean:
                 row["speedup_lean"] = ours["tokens_per_s"] / lean["tokens_per_s"]
                 row["memory_ratio_lean"] = ours["peak_gib"] / lean["peak_gib"]
@@ -223,18 +247,20 @@ def render(name, rows, max_seq, versions):
              "stack in its own process; the first-batch loss of both stacks is compared before timing.", "",
              "HF = the peft QLoRA recipe (`prepare_model_for_kbit_training`, which keeps norms, embeddings and head in "
              "fp32); HF lean = the same stack without that preparation (bf16 everywhere), a stronger baseline.", "",
-             "| model | batch × seq | grad ckpt | minilora tok/s | HF tok/s | speedup | minilora peak GiB | HF peak GiB | memory ratio | HF lean tok/s, peak GiB | speedup, memory ratio vs lean | MFU minilora / HF | losses agree |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---|---|---|---|"]
+             "| model | batch × seq | grad ckpt | minilora tok/s | HF tok/s | speedup | minilora peak GiB | HF peak GiB | memory ratio | HF lean tok/s, peak GiB | speedup, memory ratio vs lean | minilora CUDA-graph step tok/s, peak GiB (speedup) | MFU minilora / HF | losses agree |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---|---|---|---|---|"]
     for r in rows:
         o, h, le = r["minilora"], r["hf"], r["hf_lean"]
         if "speedup" not in r:
-            lines.append(f"| {r['model']} | {r['batch']} × {r['seq']} | {'on' if r['ckpt'] else 'off'} | error | error | | | | | | | | |")
+            lines.append(f"| {r['model']} | {r['batch']} × {r['seq']} | {'on' if r['ckpt'] else 'off'} | error | error | | | | | | | | | |")
             continue
         lines.append(f"| {r['model']} | {r['batch']} × {r['seq']} | {'on' if r['ckpt'] else 'off'} | "
                      f"{o['tokens_per_s']:,.0f} | {h['tokens_per_s']:,.0f} | {r['speedup']:.2f}× | {o['peak_gib']:.1f} | "
                      f"{h['peak_gib']:.1f} | {r['memory_ratio']:.2f} | "
                      + (f"{le['tokens_per_s']:,.0f}, {le['peak_gib']:.1f} | {r['speedup_lean']:.2f}×, {r['memory_ratio_lean']:.2f} | "
                         if "speedup_lean" in r else "not run | | ")
+                     + (f"{r['graph']['tokens_per_s']:,.0f}, {r['graph']['peak_gib']:.1f} ({r['speedup_graph']:.2f}×) | "
+                        if "speedup_graph" in r else ("not run | " if r["graph"].get("error") == "not run" else "failed | "))
                      + f"{100 * r['mfu']:.0f}% / {100 * r['mfu_hf']:.0f}% | "
                      f"{'yes' if r['loss_agree'] else 'NO'} ({o['first_loss']:.3f} vs {h['first_loss']:.3f}) |")
     loads = [f"{r['model']}: {r['minilora']['load_peak_gib']:.2f} GiB (HF {r['hf']['load_peak_gib']:.2f})"
@@ -251,7 +277,7 @@ def render(name, rows, max_seq, versions):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--worker", choices=["minilora", "hf", "hf-lean"])
+    parser.add_argument("--worker", choices=["minilora", "minilora-graph", "hf", "hf-lean"])
     parser.add_argument("--dir")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=512)
@@ -259,6 +285,7 @@ def main():
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--only")
     parser.add_argument("--max-seq", action="store_true")
+    parser.add_argument("--graph", action="store_true", help="also time minilora's step captured as a CUDA graph")
     parser.add_argument("--lean", action="store_true", help="also run the lean HF variant (no kbit-training prep)")
     parser.add_argument("--no-table", action="store_true")
     parser.add_argument("--workdir", default="/tmp/minilora-bench")

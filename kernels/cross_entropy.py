@@ -134,6 +134,8 @@ def _validate(hidden, weight, labels, softcap, ignore_index, chunk_size):
     if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size > 0):
         raise ValueError(f"{name}: chunk_size={chunk_size!r}, expected None or an int > 0")
     V = weight.shape[0]
+    if labels.is_cuda and torch.cuda.is_current_stream_capturing():
+        return  # no host sync inside a CUDA graph: the captured step's labels come from the checked data pipeline
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= V))
     if bad.any():  # one sync per step; an out-of-range label would read outside the logits row
         index = bad.nonzero()[0].tolist()

@@ -40,39 +40,38 @@ def lora_linear_torch(x, base, lora_A, lora_B, scaling, dropout_mask=None, dropo
 class _LoRALinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, lora_A, lora_B, base, scaling, dropout_mask, dropout_p):
-        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") and x.is_cuda else x.dtype
-        with torch.autocast(x.device.type, enabled=False):
-            x = x.to(dtype)
-            a, b = lora_A.to(dtype), lora_B.to(dtype)
-            shape = x.shape
-            x2 = x.reshape(-1, shape[-1])
-            u = x2 if dropout_mask is None else x2 * dropout_mask.reshape(x2.shape).to(dtype) / (1 - dropout_p)
-            y = x2 @ _base_weight(base, dtype).t()
-            xa = u @ a.t()
-            y.addmm_(xa, b.t(), alpha=scaling)
-            if base.bias is not None:
-                y += base.bias.to(dtype)
+        # Under autocast every matmul here would run in the autocast dtype anyway; casting once up front lets
+        # the ops below run with plain dtypes (no per-op autocast casts, no context-manager overhead).
+        dtype = torch.get_autocast_dtype("cuda") if x.is_cuda and torch.is_autocast_enabled("cuda") else x.dtype
+        x_dtype, shape = x.dtype, x.shape
+        x2 = x.reshape(-1, shape[-1]).to(dtype)
+        a, b = lora_A.to(dtype), lora_B.to(dtype)
+        u = x2 if dropout_mask is None else x2 * dropout_mask.reshape(x2.shape).to(dtype) / (1 - dropout_p)
+        y = torch.mm(x2, _base_weight(base, dtype).t())
+        xa = torch.mm(u, a.t())
+        y.addmm_(xa, b.t(), alpha=scaling)
+        if base.bias is not None:
+            y += base.bias.to(dtype)
         ctx.save_for_backward(u, xa, a, b, dropout_mask)
-        ctx.base, ctx.scaling, ctx.dropout_p, ctx.dtypes = base, scaling, dropout_p, (x.dtype, lora_A.dtype, lora_B.dtype)
-        return y.reshape(*shape[:-1], y.shape[-1])
+        ctx.base, ctx.scaling, ctx.dropout_p, ctx.dtypes = base, scaling, dropout_p, (x_dtype, lora_A.dtype, lora_B.dtype)
+        return y.view(*shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_y):
         u, xa, a, b, mask = ctx.saved_tensors
         x_dtype, a_dtype, b_dtype = ctx.dtypes
-        with torch.autocast(grad_y.device.type, enabled=False):
-            g = grad_y.reshape(-1, grad_y.shape[-1]).to(u.dtype)
-            grad_B = (g.t() @ xa).mul_(ctx.scaling)
-            dxa = (g @ b).mul_(ctx.scaling)
-            grad_A = dxa.t() @ u
-            grad_x = None
-            if ctx.needs_input_grad[0]:
-                grad_x = g @ _base_weight(ctx.base, u.dtype)
-                if mask is None:
-                    grad_x.addmm_(dxa, a)
-                else:
-                    grad_x += (dxa @ a) * mask.reshape(grad_x.shape).to(u.dtype) / (1 - ctx.dropout_p)
-                grad_x = grad_x.reshape(*grad_y.shape[:-1], grad_x.shape[-1]).to(x_dtype)
+        g = grad_y.reshape(-1, grad_y.shape[-1]).to(u.dtype)
+        grad_B = torch.mm(g.t(), xa).mul_(ctx.scaling)
+        dxa = torch.mm(g, b).mul_(ctx.scaling)
+        grad_A = torch.mm(dxa.t(), u)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.mm(g, _base_weight(ctx.base, u.dtype))
+            if mask is None:
+                grad_x.addmm_(dxa, a)
+            else:
+                grad_x += torch.mm(dxa, a) * mask.reshape(grad_x.shape).to(u.dtype) / (1 - ctx.dropout_p)
+            grad_x = grad_x.view(*grad_y.shape[:-1], grad_x.shape[-1]).to(x_dtype)
         return grad_x, grad_A.to(a_dtype), grad_B.to(b_dtype), None, None, None, None
 
 
