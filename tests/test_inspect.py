@@ -89,7 +89,8 @@ def _saved_bytes(model, batch):
 
 
 @pytest.mark.parametrize("family,targets,dropout", [
-    ("llama", ALL, 0.0), ("llama", ("v_proj", "down_proj"), 0.1), ("qwen2", ALL, 0.1),
+    ("llama", ALL, 0.0), ("llama", ("v_proj", "down_proj"), 0.1), ("llama", ("up_proj", "lm_head"), 0.1),
+    ("qwen2", ALL, 0.1),
     ("gemma", ("q_proj", "up_proj"), 0.0), ("gemma2", ALL, 0.1),
     ("gemma2", ("v_proj",), 0.0), ("gemma3_text", ("o_proj", "up_proj"), 0.0), ("phi3", ALL, 0.1)])
 def test_memory_estimate_equals_measurement(checkpoints, family, targets, dropout):
