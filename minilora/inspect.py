@@ -504,7 +504,7 @@ def adapter_updates(model_dir, config, adapter_dir):
     squares, shapes = Counter(), {}  # a fused weight: the squared norms add, the rows stack
     for name, w in stream_weights(model_dir, config, source.__contains__):
         module = source[name]
-        squares[module] += w.float().square().sum().item()
+        squares[module] += w.double().square().sum().item()
         rows = shapes.get(module, (0, w.shape[1]))[0]
         shapes[module] = (rows + w.shape[0], w.shape[1])
     weights = {m: (math.sqrt(squares[m]), shapes[m]) for m in shapes}
