@@ -122,6 +122,20 @@ def test_memory_estimate_equals_measurement(checkpoints, family, targets, dropou
     assert detail["head"] >= B * T * config.vocab_size * 4
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("family,targets,dropout", [("llama", ALL, 0.1), ("gemma2", ("v_proj", "down_proj"), 0.0),
+                                                    ("gemma3_text", ALL, 0.0), ("phi3", ("o_proj", "up_proj"), 0.1)])
+def test_memory_estimate_equals_measurement_on_cuda(checkpoints, device, family, targets, dropout):
+    """bf16 autocast, fp32 LoRA and the Triton training kernels, as trainer.py runs on a GPU."""
+    directory, _ = checkpoints[family]
+    config = load_config(directory)
+    est = ins.estimate_memory(ins.meta_model(config, 4, 8, targets, dropout), 4, dropout, 2, 12, torch.bfloat16, device)
+    got = ins.measure_training_step(directory, 4, 8, dropout, targets, 2, 12, torch.bfloat16, device)
+    for key in ("nf4_packed", "nf4_stats", "float_weights", "adamw_state", "activations", "activations_checkpointed"):
+        assert est[key] == got[key], f"{family} {targets}: {key} estimated {est[key]}, measured {got[key]}"
+    assert [sum(b.values()) for b in est["activation_detail"]["blocks"]] == got["activation_blocks"]
+    assert 0 < got["cuda_peak_activations_checkpointed"] < got["cuda_peak_activations"]
+
 def test_quantization_errors_match_the_loaded_nf4_model(checkpoints):
     directory, _ = checkpoints["phi3"]  # fused qkv / gate_up: the streamed rows must be the split ones
     config = load_config(directory)
@@ -251,7 +265,8 @@ def test_peft_adapter_on_phi3_fused_layers(checkpoints, tmp_path):
 
     directory, hf = checkpoints["phi3"]
     fused = {n: p.detach().clone() for n, p in hf.named_parameters()}
-    peft_model = get_peft_model(copy.deepcopy(hf), LoraConfig(r=4, lora_alpha=8, target_modules=["qkv_proj", "gate_up_proj"]))
+    lora_config = LoraConfig(r=4, lora_alpha=8, target_modules=["qkv_proj", "gate_up_proj"])
+    peft_model = get_peft_model(copy.deepcopy(hf), lora_config)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
