@@ -312,6 +312,8 @@ class TrainConfig:
     epochs: int = _field(1, "passes over the training split (ignored when --max-steps is set)")
     max_steps: Optional[int] = _field(None, "stop after this many optimizer steps")
     gradient_checkpointing: bool = _field(True, "recompute each block in the backward pass to save memory")
+    cuda_graphs: bool = _field(True, "on a GPU, capture each micro-batch's forward+backward as a CUDA graph "
+                                     "(one per batch shape) and replay it: removes the CPU launch overhead")
     seed: int = _field(0, "seed for LoRA init, dropout and the batch order")
     # data
     max_seq_len: int = _field(512, "longest example in tokens (longer ones are truncated or dropped)")
