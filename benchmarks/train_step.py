@@ -116,52 +116,46 @@ def hf_stack(directory, ckpt, recipe=True):
 
 
 def worker(args):
-    stack = {"minilora": minilora_stack, "minilora-graph": minilora_stack, "hf": hf_stack,
+    """Time one stack. minilora runs the trainer's own step (minilora.trainer.optimizer_step: token-normalised
+    loss, clip, fused AdamW, NaN guard with its host syncs), with CUDA-graph micro-steps ("minilora", the
+    train.py default on a GPU) or eagerly ("minilora-eager")."""
+    stack = {"minilora": minilora_stack, "minilora-eager": minilora_stack, "hf": hf_stack,
              "hf-lean": lambda d, c: hf_stack(d, c, recipe=False)}[args.worker]
     model, loss_fn, load_peak = stack(args.dir, args.ckpt == "on")
     vocab = model.config.vocab_size
     params = [p for p in model.parameters() if p.requires_grad]
-    graph = args.worker == "minilora-graph"
-    optimizer = torch.optim.AdamW(params, lr=2e-4, fused=True, capturable=graph)
+    optimizer = torch.optim.AdamW(params, lr=2e-4, fused=True)
     ids, labels = batch_of(vocab, args.batch, args.seq, seed=1)
     with torch.no_grad():
         first_loss = loss_fn(*batch_of(vocab, 2, 128, seed=0)).item()
-
-    def eager_step():
-        loss = loss_fn(ids, labels)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 0.3)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=not graph)
-        return loss
-
     torch.cuda.reset_peak_memory_stats()
-    if graph:  # the whole step (forward, backward, clip, AdamW) captured once and replayed: no CPU launch cost
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                eager_step()
-        torch.cuda.current_stream().wait_stream(side)
-        cuda_graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(cuda_graph):
-            static_loss = loss_fn(ids, labels)
-            static_loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 0.3)
-            optimizer.step()
+    if args.worker.startswith("minilora"):
+        from minilora.config import TrainConfig
+        from minilora.trainer import GraphedMicroSteps, optimizer_step
+
+        config = TrainConfig(max_grad_norm=0.3, pack=False)
+        graphed = GraphedMicroSteps(model, params, False, torch.bfloat16, 0) if args.worker == "minilora" else None
+        batch = {"input_ids": ids, "labels": labels}
 
         def step():
-            cuda_graph.replay()  # a real loop copies the next batch into `ids`/`labels` first
-            return static_loss
+            return optimizer_step(model, optimizer, params, [batch], 2e-4, config, torch.device("cuda"),
+                                  torch.bfloat16, graphed)[0]
     else:
-        step = eager_step
+        def step():
+            loss = loss_fn(ids, labels)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 0.3)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return loss
+
     for _ in range(2):
         step()
     torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(args.steps):
         last = step()
-    last.item()
+    float(last)
     torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / args.steps
     result = dict(stack=args.worker, first_loss=first_loss, step_s=seconds,
@@ -205,7 +199,7 @@ def main_table(args):
         directory = os.path.join(args.workdir, model_name)
         write_random_checkpoint(model_name, directory)
         ours = run_worker("minilora", directory, batch, seq, ckpt, args.steps)
-        graphed = run_worker("minilora-graph", directory, batch, seq, ckpt, args.steps) if args.graph else {"error": "not run"}
+        graphed = run_worker("minilora-eager", directory, batch, seq, ckpt, args.steps) if args.eager else {"error": "not run"}
         hf = run_worker("hf", directory, batch, seq, ckpt, args.steps)
         lean = run_worker("hf-lean", directory, batch, seq, ckpt, args.steps) if args.lean else {"error": "not run"}
         row = dict(model=model_name, batch=batch, seq=seq, ckpt=ckpt, minilora=ours, hf=hf, hf_lean=lean, graph=graphed)
@@ -246,8 +240,10 @@ def render(name, rows, max_seq, versions):
              "shapes, LoRA r=16 on all seven block linears, AdamW (fused), bf16 autocast, SDPA attention, each "
              "stack in its own process; the first-batch loss of both stacks is compared before timing.", "",
              "HF = the peft QLoRA recipe (`prepare_model_for_kbit_training`, which keeps norms, embeddings and head in "
-             "fp32); HF lean = the same stack without that preparation (bf16 everywhere), a stronger baseline.", "",
-             "| model | batch × seq | grad ckpt | minilora tok/s | HF tok/s | speedup | minilora peak GiB | HF peak GiB | memory ratio | HF lean tok/s, peak GiB | speedup, memory ratio vs lean | minilora CUDA-graph step tok/s, peak GiB (speedup) | MFU minilora / HF | losses agree |",
+             "fp32); HF lean = the same stack without that preparation (bf16 everywhere), a stronger baseline. "
+             "minilora = the trainer's own step (`minilora.trainer.optimizer_step`) with its default CUDA-graph "
+             "micro-steps; minilora eager = the same step without CUDA graphs.", "",
+             "| model | batch × seq | grad ckpt | minilora tok/s | HF tok/s | speedup | minilora peak GiB | HF peak GiB | memory ratio | HF lean tok/s, peak GiB | speedup, memory ratio vs lean | minilora eager (no CUDA graphs) tok/s, peak GiB (speedup) | MFU minilora / HF | losses agree |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---|---|---|---|---|"]
     for r in rows:
         o, h, le = r["minilora"], r["hf"], r["hf_lean"]
@@ -277,7 +273,7 @@ def render(name, rows, max_seq, versions):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--worker", choices=["minilora", "minilora-graph", "hf", "hf-lean"])
+    parser.add_argument("--worker", choices=["minilora", "minilora-eager", "hf", "hf-lean"])
     parser.add_argument("--dir")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=512)
@@ -285,7 +281,7 @@ def main():
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--only")
     parser.add_argument("--max-seq", action="store_true")
-    parser.add_argument("--graph", action="store_true", help="also time minilora's step captured as a CUDA graph")
+    parser.add_argument("--eager", action="store_true", help="also time minilora without CUDA graphs")
     parser.add_argument("--lean", action="store_true", help="also run the lean HF variant (no kbit-training prep)")
     parser.add_argument("--no-table", action="store_true")
     parser.add_argument("--workdir", default="/tmp/minilora-bench")
