@@ -6,7 +6,7 @@
    ordinary Hugging Face checkpoint directory (config.json, model.safetensors, tokenizer files), so every
    step below is the same code a real model goes through;
 3. ROUGE-L on held-out rows (evaluation.evaluate_rouge, greedy);
-4. QLoRA training through trainer.train: NF4 base, LoRA on every linear layer;
+4. QLoRA training through trainer.train: NF4 base, LoRA on every linear layer and the output head;
 5. ROUGE-L again with the adapter, and the before/after table.
 
 What it shows: the pipeline end to end (tokenizer, loader, NF4, LoRA, the training loop, checkpoints, batched
@@ -34,7 +34,11 @@ SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>")  # ids 0, 1, 2
 PRESET = dict(vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
               num_key_value_heads=2, head_dim=64, max_position_embeddings=1024)
 LORA_RANK, LORA_ALPHA = 128, 128.0  # scaling 1: no pretrained weights to keep close to
-DEMO_TRAINING = dict(lora_r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0, learning_rate=3e-3,
+# lm_head too: its frozen random rows are the only way out of the model; with an adapter on it the held-out loss
+# after 40 steps is 6.66 instead of 7.80 (measured on this preset; ln 4096 = 8.32 is the start).
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
+DEMO_TRAINING = dict(lora_r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0, lora_targets=LORA_TARGETS,
+                     learning_rate=3e-3,
                      lr_schedule="cosine", warmup_steps=10, max_grad_norm=1.0, micro_batch_size=8, grad_accum_steps=2,
                      max_seq_len=256, gradient_checkpointing=False, eval_every=0, eval_examples=32, save_every=0)
 
@@ -132,7 +136,7 @@ def main(argv=None):
                                      "quantize": args.quantize, "device": "cpu", "max_steps": args.steps,
                                      "skip_bad_rows": True, "seed": args.seed}, TrainConfig, source="demo")
         print(f"[demo] {'QLoRA (NF4 base)' if args.quantize == 'nf4' else 'LoRA'} training: {args.steps} steps, r={config.lora_r} "
-              f"on every linear layer ...")
+              f"on every linear layer and the head ...")
         t0 = time.perf_counter()
         result = train(config)
         train_seconds = time.perf_counter() - t0

@@ -4,8 +4,9 @@ The shape of pytorch-labs/gpt-fast's generate.py: prefill the prompt once, then 
 into a cache whose tensors never change shape, so on a GPU the decode step is captured once as a CUDA graph
 and replayed (no Python or kernel-launch overhead per layer); `compile=True` also runs the step through
 torch.compile inside the graph, fusing its element-wise kernels (measured on an H200 at Llama-3.2-3B shape,
-NF4: 3,599 -> 5,593 tok/s at batch 8, 759 -> 783 at batch 1; it costs 10-40 s of compiling per shape). Greedy output is checked against transformers'
-`generate` and batched output against one-prompt-at-a-time output in tests/test_generate.py.
+NF4: 3,599 -> 5,593 tok/s at batch 8, 759 -> 783 at batch 1; it costs 10-40 s of compiling per shape).
+Greedy output is checked against transformers' `generate` and batched output against one-prompt-at-a-time
+output in tests/test_generate.py.
 
 Ragged prompts are left-padded. Padding gets segment 0 and every real token segment 1, positions count real
 tokens only (cumsum(valid) - 1), so by model.py's masking rule a padded row computes exactly what it would
@@ -221,6 +222,7 @@ def generate(model, prompts, max_new_tokens, *, temperature=0.0, top_p=1.0, gene
     out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     string_cut = [None] * B  # per row: number of ids kept once a stop string appeared
+    stop_set = set(stop_ids)
 
     logits = decoder.prefill(input_ids, positions, segments)
     steps = max_new_tokens
@@ -232,12 +234,12 @@ def generate(model, prompts, max_new_tokens, *, temperature=0.0, top_p=1.0, gene
         finished |= torch.isin(token, stop)
         if (i + 1) % check_every == 0 or i + 1 == max_new_tokens:
             if stop_strings:
-                _check_stop_strings(out, finished, string_cut, i + 1, check_every, stop, tokenizer, stop_strings)
+                _check_stop_strings(out, finished, string_cut, i + 1, check_every, stop_set, tokenizer, stop_strings)
             if bool(finished.all()):
                 steps = i + 1
                 break
 
-    results, stop_set = [], set(stop_ids)
+    results = []
     for row, ids in enumerate(out[:, :steps].tolist()):
         ids = ids[:string_cut[row]] if string_cut[row] is not None else ids
         cut = next((j for j, t in enumerate(ids) if t in stop_set), len(ids))
@@ -245,17 +247,17 @@ def generate(model, prompts, max_new_tokens, *, temperature=0.0, top_p=1.0, gene
     return results
 
 
-def _check_stop_strings(out, finished, string_cut, n, check_every, stop, tokenizer, stop_strings):
-    """Mark rows whose text now contains a stop string; remember the shortest prefix of ids that does."""
-    rows = out[:, :n].tolist()
-    done = finished.tolist()
-    for row, ids in enumerate(rows):
-        if done[row] or string_cut[row] is not None:
+def _check_stop_strings(out, finished, string_cut, n, check_every, stop_set, tokenizer, stop_strings):
+    """Mark rows whose text (up to any stop id) now contains a stop string; keep the shortest such prefix of ids."""
+    for row, ids in enumerate(out[:, :n].tolist()):
+        if string_cut[row] is not None:
             continue
-        if _finds_stop_string(tokenizer, ids, stop_strings):
-            # Earlier checks saw no stop string in ids[:n - check_every], so the cut lies after that.
-            start = max(1, n - check_every + 1)
-            string_cut[row] = next(k for k in range(start, n + 1) if _finds_stop_string(tokenizer, ids[:k], stop_strings))
+        ids = ids[:next((j for j, t in enumerate(ids) if t in stop_set), len(ids))]
+        if ids and _finds_stop_string(tokenizer, ids, stop_strings):
+            # Earlier checks saw no stop string in the first n - check_every ids, so the cut lies after them.
+            start = max(1, min(n - check_every + 1, len(ids)))
+            string_cut[row] = next(k for k in range(start, len(ids) + 1)
+                                   if _finds_stop_string(tokenizer, ids[:k], stop_strings))
             finished[row] = True
 
 

@@ -145,3 +145,27 @@ def test_bad_settings_are_clear_errors(setup, tmp_path, capsys):
     assert "--samples=3" in capsys.readouterr().err
     assert _run("--model", model, "--data", tmp_path / "missing.json", "--out", tmp_path / "o") == 1
     assert "missing.json" in capsys.readouterr().err
+
+
+def test_demo_runs_end_to_end_tiny(tmp_path, capsys):
+    """`python -m minilora.demo --tiny`: tokenizer, random base, ROUGE-L, QLoRA steps, ROUGE-L with the adapter."""
+    from minilora import demo
+    from minilora.tokenizer import load_tokenizer
+
+    records = [{"instruction": f"Return {i} times x.", "input": "", "output": f"def g(x):\n    return {i} * x"}
+               for i in range(80)]  # 4 held-out rows at TrainConfig's 5%
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(records))
+    out = tmp_path / "demo"
+    assert demo.main(["--tiny", "--data", str(data), "--out", str(out), "--steps", "3", "--eval-rows", "3",
+                      "--max-new-tokens", "6"]) == 0
+    report = json.loads((out / "demo.json").read_text())
+    assert report["train"]["steps"] == 3 and report["after"]["adapter"] == report["train"]["adapter"]
+    assert report["before"]["n"] == report["after"]["n"] == 3 and report["before"]["adapter"] is None
+    # The held-out rows are the training run's test split, and the tokenizer never saw them.
+    _, test = split_records(load_records(str(data)), test_fraction=0.05, seed=0)
+    assert [json.loads(line)["instruction"] for line in (out / "after" / "predictions.jsonl").open()] == \
+        [r["instruction"] for r in test if r["output"]][:3]
+    tok = load_tokenizer(str(out / "base"))
+    assert tok.decode(tok.encode("def f(x):\n    return x")) == "def f(x):\n    return x"
+    assert "| + LoRA adapter |" in capsys.readouterr().out

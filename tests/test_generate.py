@@ -85,6 +85,18 @@ def test_stop_strings_cut_text_and_ids(some_pair):
     assert completions == [t[:t.find(stop)] if stop in t else t for t in texts], family
 
 
+def test_stop_string_before_a_stop_id_in_the_same_check_window(some_pair):
+    from minilora.generate import _check_stop_strings
+
+    _, _, _, tok = some_pair
+    ids = tok.encode("x = [1, 2, 3]\ny = {'a': 1}") + [tok.eos_id] + tok.encode("for i in range")
+    expected = next(k for k in range(1, len(ids)) if "2, 3" in tok.decode(ids[:k]))
+    out = torch.tensor([ids, ids[::-1]])  # row 1: reversed, no "2, 3" before its stop id
+    finished, cut = torch.tensor([True, False]), [None, None]  # row 0 already saw its stop id in this window
+    _check_stop_strings(out, finished, cut, len(ids), len(ids), {tok.eos_id}, tok, ["2, 3"])
+    assert cut == [expected, None] and finished.tolist() == [True, False]
+
+
 def test_max_new_tokens_and_bad_arguments(some_pair):
     _, _, model, tok = some_pair
     prompts = [tok.encode(t, add_special_tokens=True) for t in TEXTS]
