@@ -228,7 +228,7 @@ class Transformer(nn.Module):
         """Sum of the token cross-entropies where labels != -100 (labels already shifted: labels[t] is the
         target at position t). On CUDA the fused kernel never materialises the (tokens x V) logits."""
         hidden = self.hidden_states(input_ids, positions, segments)
-        if use_triton(hidden):
+        if use_triton(hidden) and type(self.lm_head) is nn.Linear:  # a LoRA-wrapped head takes the plain path
             return triton_ops()["linear_cross_entropy"](hidden.flatten(0, 1), self.lm_head.weight, labels.flatten(),
                                                          self.config.final_logit_softcap)
         logits = self.logits(hidden)

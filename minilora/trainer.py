@@ -102,20 +102,22 @@ def build_optimizer(config, params):
     return cls(params, **kwargs)
 
 
-def token_loss_sum(model, batch, packed):
-    """(sum of cross-entropy over answer tokens, number of answer tokens) for one micro-batch.
+def batch_loss(model, batch, packed):
+    """Sum of cross-entropy over the answer tokens of one micro-batch (a device scalar, no host sync).
 
     labels are already shifted (data.py): labels[t] is the target of position t. Unpacked right-padded
     rows need no positions/segments: causal order already hides the padding on the right, and leaving
     them out keeps SDPA's fast causal path. Packed rows pass both so examples do not see each other.
     `Transformer.loss` uses the fused linear + cross-entropy kernel on CUDA (no (tokens x V) logits).
     """
-    labels = batch["labels"]
     if packed:
-        loss = model.loss(batch["input_ids"], labels, batch["positions"], batch["segments"])
-    else:
-        loss = model.loss(batch["input_ids"], labels)
-    return loss, int((labels != -100).sum())
+        return model.loss(batch["input_ids"], batch["labels"], batch["positions"], batch["segments"])
+    return model.loss(batch["input_ids"], batch["labels"])
+
+
+def token_loss_sum(model, batch, packed):
+    """(batch_loss, number of answer tokens) for one micro-batch."""
+    return batch_loss(model, batch, packed), int((batch["labels"] != -100).sum())
 
 
 def step_batches(order, state, accum, last_epoch):
@@ -188,7 +190,7 @@ class GraphedMicroSteps:
 
     def _loss(self, batch, inv_tokens):
         with _autocast(batch["input_ids"].device, self.dtype):
-            loss, _ = token_loss_sum(self.model, batch, self.packed)
+            loss = batch_loss(self.model, batch, self.packed)  # nothing in here may sync with the host
         (loss * inv_tokens).backward()
         return loss.detach()
 
