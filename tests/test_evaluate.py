@@ -157,8 +157,8 @@ def test_demo_runs_end_to_end_tiny(tmp_path, capsys):
     data = tmp_path / "data.json"
     data.write_text(json.dumps(records))
     out = tmp_path / "demo"
-    assert demo.main(["--tiny", "--data", str(data), "--out", str(out), "--steps", "3", "--eval-rows", "3",
-                      "--max-new-tokens", "6"]) == 0
+    assert demo.main(["--tiny", "--data", str(data), "--out", str(out), "--steps", "3", "--pretrain-steps", "3",
+                      "--eval-rows", "3", "--max-new-tokens", "6"]) == 0
     report = json.loads((out / "demo.json").read_text())
     assert report["train"]["steps"] == 3 and report["after"]["adapter"] == report["train"]["adapter"]
     assert report["before"]["n"] == report["after"]["n"] == 3 and report["before"]["adapter"] is None
@@ -168,4 +168,5 @@ def test_demo_runs_end_to_end_tiny(tmp_path, capsys):
         [r["instruction"] for r in test if r["output"]][:3]
     tok = load_tokenizer(str(out / "base"))
     assert tok.decode(tok.encode("def f(x):\n    return x")) == "def f(x):\n    return x"
-    assert "| + LoRA adapter |" in capsys.readouterr().out
+    assert len(report["pretrain_losses"]) == 3
+    assert "| + QLoRA adapter |" in capsys.readouterr().out
