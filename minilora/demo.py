@@ -17,7 +17,7 @@ generation, scoring) and the study's mechanism at toy scale: instruction tuning 
 prompt format and when to stop, which is most of what ROUGE-L rewards. What it does not show: the study's
 numbers. The "pretraining" saw a few hundred thousand tokens of the same distribution; a 4M-parameter model
 learns the answers' style, not programming. `--no-pretrain` starts QLoRA from the random weights instead
-(ROUGE-L then moves from ~0 to ~1: LoRA on frozen random weights learns little).
+(ROUGE-L then moved from 0.00 to 1.31 in 160 steps: LoRA on frozen random weights learns little).
 """
 import argparse
 import dataclasses
