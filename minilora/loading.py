@@ -25,9 +25,9 @@ def load_model(name_or_dir, dtype=torch.float32, device="cpu", quantize=None, ba
         raise ValueError(f"quantize={quantize!r} is not supported (use None or 'nf4').")
     load_weights(model, directory, dtype, torch.device(device), quantize, backend)
     model.source_dir = directory  # config.json and tokenizer files are copied from here when saving
-    model.eval()
     if adapter is not None:
         from .lora import load_adapter
 
         load_adapter(model, adapter)
+    model.eval()  # after the adapter, so its LoRA dropout is off too
     return model, tokenizer

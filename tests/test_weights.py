@@ -211,3 +211,14 @@ def test_damaged_safetensors_headers(llama_dir, tmp_path, damage):
     path.write_bytes(damaged)
     with pytest.raises(WeightsError, match=r"model\.safetensors"):
         load_model(str(bad))
+
+
+def test_model_with_adapter_is_in_eval_mode(llama_dir, tmp_path):
+    """load_model(adapter=...) returns a deterministic model: LoRA dropout off."""
+    from minilora.lora import apply_lora, save_adapter
+
+    model, _ = load_model(str(llama_dir))
+    apply_lora(model, r=4, alpha=8, dropout=0.5)
+    save_adapter(model, str(tmp_path / "adapter"))
+    loaded, _ = load_model(str(llama_dir), adapter=str(tmp_path / "adapter"))
+    assert not any(m.training for m in loaded.modules())
