@@ -36,7 +36,7 @@ def find_weight_files(directory):
                 weight_map = json.load(f)["weight_map"]
             if not isinstance(weight_map, dict):
                 raise TypeError("weight_map is not an object")
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        except (ValueError, RecursionError, KeyError, TypeError) as e:  # ValueError: bad JSON, bad UTF-8, huge ints
             raise WeightsError(f"{index_path}: malformed shard index ({e!r}); expected "
                                   '{"weight_map": {"tensor name": "shard file", ...}}.') from None
         files = []
@@ -128,8 +128,8 @@ class SafetensorsFile:
             self._fail(f"header length {n} exceeds the file size {size}")
         try:
             header = json.loads(self._file.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            self._fail(f"header is not valid JSON ({e})")
+        except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, an int of 5,000 digits, deep nesting
+            self._fail(f"header is not valid JSON ({type(e).__name__}: {str(e)[:200]})")
         if not isinstance(header, dict):
             self._fail("header is not a JSON object")
         header.pop("__metadata__", None)
@@ -137,12 +137,15 @@ class SafetensorsFile:
         for key, entry in header.items():
             try:
                 dtype = SAFETENSORS_DTYPES[entry["dtype"]]
-                shape = [int(d) for d in entry["shape"]]
-                begin, end = (int(o) for o in entry["data_offsets"])
-            except (KeyError, TypeError, ValueError):
-                self._fail(f"tensor {key!r} has a malformed header entry {entry!r}")
+                shape, offsets = list(entry["shape"]), list(entry["data_offsets"])
+                if len(offsets) != 2 or not all(type(v) is int for v in shape + offsets):  # not 1.5, "3", true
+                    raise TypeError("shape and data_offsets must be lists of integers")
+                begin, end = offsets
+            except (KeyError, TypeError):
+                self._fail(f"tensor {key!r} has a malformed header entry {repr(entry)[:200]}")
             nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
-            if min(shape, default=0) < 0 or begin < 0 or end - begin != nbytes:
+            # an empty tensor may not claim huge dims either: torch.empty([0, 2**64]) overflows
+            if min(shape, default=0) < 0 or math.prod(max(d, 1) for d in shape) > size or begin < 0 or end - begin != nbytes:
                 self._fail(f"tensor {key!r}: offsets {begin}..{end} do not fit shape {shape} of {entry['dtype']}")
             if self._data_start + end > size:
                 self._fail(f"tensor {key!r} ends at byte {self._data_start + end} but the file has {size} bytes")
