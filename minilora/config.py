@@ -85,22 +85,20 @@ def _get(raw, key, source, default=dataclasses.MISSING, kind=None):
 
 def _parse_rope(params, source, key):
     """A RoPE dict in either v4 (`rope_scaling` + `rope_theta`) or v5 (`rope_parameters`) form."""
+    if not isinstance(params, dict):
+        raise ConfigError(f"{source}: {key} must be a JSON object, found {params!r}.")
     kind = params.get("rope_type", params.get("type", "default")) or "default"
-    theta = params.get("rope_theta")
-    if not isinstance(theta, (int, float)) or theta <= 0:
-        raise ConfigError(f"{source}: {key} needs a positive 'rope_theta', found {theta!r}.")
+    theta = _get(params, "rope_theta", f"{source}: {key}", kind=float)
     if kind == "default":
         return RopeConfig(theta=float(theta))
     if kind == "linear":
-        return RopeConfig(theta=float(theta), kind="linear", factor=float(params["factor"]))
+        return RopeConfig(theta=float(theta), kind="linear", factor=float(_get(params, "factor", f"{source}: {key}", kind=float)))
     if kind == "llama3":
-        try:
-            return RopeConfig(theta=float(theta), kind="llama3", factor=float(params["factor"]),
-                              low_freq_factor=float(params["low_freq_factor"]),
-                              high_freq_factor=float(params["high_freq_factor"]),
-                              original_max_position_embeddings=int(params["original_max_position_embeddings"]))
-        except KeyError as e:
-            raise ConfigError(f"{source}: {key} of type 'llama3' lacks {e.args[0]!r}.") from None
+        where = f"{source}: {key} of type 'llama3'"
+        return RopeConfig(theta=float(theta), kind="llama3", factor=float(_get(params, "factor", where, kind=float)),
+                          low_freq_factor=float(_get(params, "low_freq_factor", where, kind=float)),
+                          high_freq_factor=float(_get(params, "high_freq_factor", where, kind=float)),
+                          original_max_position_embeddings=_get(params, "original_max_position_embeddings", where, kind=int))
     raise ConfigError(f"{source}: {key} type {kind!r} is not implemented (supported: default, linear, llama3).")
 
 
@@ -110,8 +108,10 @@ def _rope(raw, source, layer_type=None):
         return _parse_rope(params[layer_type], source, f"rope_parameters[{layer_type!r}]")
     if isinstance(params, dict) and "rope_theta" in params:
         return _parse_rope(params, source, "rope_parameters")
-    scaling = dict(raw.get("rope_scaling") or {})
-    scaling["rope_theta"] = _get(raw, "rope_theta", source, 10000.0, float)
+    scaling = raw.get("rope_scaling") or {}
+    if not isinstance(scaling, dict):
+        raise ConfigError(f"{source}: rope_scaling must be a JSON object or null, found {scaling!r}.")
+    scaling = {**scaling, "rope_theta": _get(raw, "rope_theta", source, 10000.0, float)}
     return _parse_rope(scaling, source, "rope_scaling")
 
 
@@ -126,7 +126,7 @@ def _check_unsupported(raw, source):
 
 def _activation(name, source):
     table = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu": "gelu"}
-    if name not in table:
+    if not isinstance(name, str) or name not in table:
         raise ConfigError(f"{source}: hidden_act {name!r} is not implemented (supported: {', '.join(table)}).")
     return table[name]
 
@@ -134,7 +134,10 @@ def _activation(name, source):
 def _common(raw, source):
     heads = _get(raw, "num_attention_heads", source, kind=int)
     hidden = _get(raw, "hidden_size", source, kind=int)
-    head_dim = raw.get("head_dim") or hidden // heads  # Qwen2, Phi-3, SmolLM2 have no head_dim key
+    head_dim = _get(raw, "head_dim", source, hidden // heads, int)  # Qwen2, Phi-3, SmolLM2 have no head_dim key
+    if head_dim < 2 or head_dim % 2:  # RoPE rotates pairs of channels
+        raise ConfigError(f"{source}: head_dim={head_dim} (head_dim, or hidden_size={hidden} // num_attention_heads="
+                          f"{heads}) must be an even number >= 2.")
     layers = _get(raw, "num_hidden_layers", source, kind=int)
     kv_heads = _get(raw, "num_key_value_heads", source, heads, int)
     if heads % kv_heads:
@@ -182,7 +185,7 @@ def _gemma(raw, source):  # Gemma 1
 
 def _layer_types(raw, source, layers, default):
     types = raw.get("layer_types") or default
-    if len(types) != layers or any(t not in ("sliding_attention", "full_attention") for t in types):
+    if not isinstance(types, list) or len(types) != layers or any(t not in ("sliding_attention", "full_attention") for t in types):
         raise ConfigError(f"{source}: layer_types must list {layers} of 'sliding_attention'/'full_attention', found {types!r}.")
     return types
 
@@ -195,14 +198,16 @@ def _gemma2(raw, source):  # Gemma 2: even layers slide (transformers: `not bool
     common["layer_windows"] = tuple(window if t == "sliding_attention" else None for t in types)
     return ModelConfig(**common, **extra, rope=_rope(raw, source), sandwich_norms=True,
                        attention_scale=_get(raw, "query_pre_attn_scalar", source, common["head_dim"], float) ** -0.5,
-                       attn_logit_softcap=raw.get("attn_logit_softcapping"),
-                       final_logit_softcap=raw.get("final_logit_softcapping"))
+                       attn_logit_softcap=_get(raw, "attn_logit_softcapping", source, None, float),
+                       final_logit_softcap=_get(raw, "final_logit_softcapping", source, None, float))
 
 
 def _gemma3(raw, source):  # Gemma 3 text: q/k norms, 5 local : 1 global layers with their own RoPE bases
     common, extra = _gemma_family(raw, source)
     layers = common["num_hidden_layers"]
     pattern = raw.get("sliding_window_pattern") or raw.get("_sliding_window_pattern") or 6
+    if isinstance(pattern, bool) or not isinstance(pattern, int) or pattern < 1:
+        raise ConfigError(f"{source}: sliding_window_pattern must be a positive integer, found {pattern!r}.")
     default = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(layers)]
     types = _layer_types(raw, source, layers, default)
     common["layer_windows"] = tuple(raw.get("sliding_window") if t == "sliding_attention" else None for t in types)
@@ -214,8 +219,8 @@ def _gemma3(raw, source):  # Gemma 3 text: q/k norms, 5 local : 1 global layers 
         glob = _rope(raw, source)
     return ModelConfig(**common, **extra, rope=glob, local_rope=local, sandwich_norms=True, qk_norm=True,
                        attention_scale=_get(raw, "query_pre_attn_scalar", source, common["head_dim"], float) ** -0.5,
-                       attn_logit_softcap=raw.get("attn_logit_softcapping"),
-                       final_logit_softcap=raw.get("final_logit_softcapping"))
+                       attn_logit_softcap=_get(raw, "attn_logit_softcapping", source, None, float),
+                       final_logit_softcap=_get(raw, "final_logit_softcapping", source, None, float))
 
 
 def _phi3(raw, source):  # Phi-3 Mini 4K: fused qkv/gate_up (split at load), sliding window on every layer
@@ -239,10 +244,13 @@ def config_from_dict(raw, source="config.json"):
     model_type = raw.get("model_type")
     known_architectures = {"LlamaForCausalLM", "Qwen2ForCausalLM", "GemmaForCausalLM", "Gemma2ForCausalLM",
                            "Gemma3ForCausalLM", "Gemma3ForConditionalGeneration", "Phi3ForCausalLM"}
-    unknown = [a for a in raw.get("architectures") or [] if a not in known_architectures]
+    architectures = raw.get("architectures") or []
+    if not isinstance(architectures, list) or not all(isinstance(a, str) for a in architectures):
+        raise ConfigError(f"{source}: architectures must be a list of names, found {architectures!r}.")
+    unknown = [a for a in architectures if a not in known_architectures]
     if unknown:
         raise ConfigError(f"{source}: unsupported architecture {unknown[0]!r}; supported: {', '.join(sorted(known_architectures))}.")
-    if model_type not in _BUILDERS:
+    if not isinstance(model_type, str) or model_type not in _BUILDERS:
         raise ConfigError(f"{source}: model_type {model_type!r} is not supported "
                           f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)}).")
     _check_unsupported(raw, source)
@@ -262,8 +270,8 @@ def load_config(directory):
     try:
         with open(path, encoding="utf-8") as f:
             raw = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise ConfigError(f"{path}: not valid JSON ({type(e).__name__}: {e}).") from None
+    except (ValueError, RecursionError) as e:  # ValueError: bad JSON, bad UTF-8, an int of 5,000 digits
+        raise ConfigError(f"{path}: not valid JSON ({type(e).__name__}: {str(e)[:200]}).") from None
     return config_from_dict(raw, path)
 
 
@@ -278,8 +286,25 @@ def _field(default, help, **meta):
     return dataclasses.field(default=default, metadata={"help": help, **meta})
 
 
+class Settings:
+    """What the command-line dataclasses (TrainConfig, evaluation.EvalConfig) share: checks that name the
+    flag, the `choices` of every field, and a JSON-able dict."""
+
+    def need(self, ok, flag, expected):
+        if not ok:
+            raise ConfigError(f"--{flag.replace('_', '-')}={getattr(self, flag)!r}: expected {expected}.")
+
+    def check_choices(self):
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            self.need(choices is None or getattr(self, f.name) in choices, f.name, f"one of {choices}")
+
+    def to_dict(self):
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in dataclasses.fields(self)}
+
+
 @dataclasses.dataclass
-class TrainConfig:
+class TrainConfig(Settings):
     model: str = _field("llama3-3b", "short name (see minilora/hub.py), hub id, or local directory of the base model")
     data: str = _field("sahil280114/codealpaca-20k", "CodeAlpaca JSON/JSONL file, or a hub dataset id")
     out: str = _field("runs/qlora", "output directory: adapter/, checkpoints/, metrics.jsonl, loss.png, train_config.json")
@@ -334,10 +359,7 @@ class TrainConfig:
 
     def validate(self):
         """ConfigError naming the flag for values that cannot work; returns self."""
-        def need(ok, flag, expected):
-            if not ok:
-                value = getattr(self, flag)
-                raise ConfigError(f"--{flag.replace('_', '-')}={value!r}: expected {expected}.")
+        need = self.need
         for name in ("lora_r", "micro_batch_size", "grad_accum_steps", "epochs", "keep_last", "max_nonfinite_steps"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "an integer >= 1")
         for name in ("warmup_steps", "eval_every", "save_every", "eval_examples"):
@@ -350,13 +372,8 @@ class TrainConfig:
         need(self.max_grad_norm >= 0, "max_grad_norm", "a number >= 0")
         need(0 <= self.test_fraction < 1, "test_fraction", "0 <= fraction < 1")
         need(len(self.lora_targets) > 0, "lora_targets", "at least one layer name")
-        for f in dataclasses.fields(self):
-            choices = f.metadata.get("choices")
-            need(choices is None or getattr(self, f.name) in choices, f.name, f"one of {choices}")
+        self.check_choices()
         return self
-
-    def to_dict(self):
-        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in dataclasses.fields(self)}
 
 
 def _cli_type(field):

@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from .config import TrainConfig
+from .config import Settings, TrainConfig
 from .errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ def _from_training(name, help=None):
 
 
 @dataclasses.dataclass
-class EvalConfig:
+class EvalConfig(Settings):
     model: str = _from_training("model")
     adapter: str = _field("", "PEFT LoRA adapter directory (train.py's OUT/adapter); '' = the untuned model")
     data: str = _from_training("data")
@@ -85,9 +85,7 @@ class EvalConfig:
     max_steps: int = _field(0, "study: optimizer steps per tuning run (0 = TrainConfig's epochs)")
 
     def validate(self):
-        def need(ok, flag, expected):
-            if not ok:
-                raise ConfigError(f"--{flag.replace('_', '-')}={getattr(self, flag)!r}: expected {expected}.")
+        need = self.need
         for name in ("max_new_tokens", "batch_size", "pass_at", "exec_workers"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "an integer >= 1")
         for name in ("limit", "samples", "max_steps"):
@@ -99,13 +97,8 @@ class EvalConfig:
         need(self.samples == 0 or self.samples >= self.pass_at, "samples", f"at least --pass-at={self.pass_at}")
         need(self.samples <= 1 or self.temperature > 0, "samples", "1 unless --temperature > 0 (greedy samples "
              "are all the same)")
-        for f in dataclasses.fields(self):
-            choices = f.metadata.get("choices")
-            need(choices is None or getattr(self, f.name) in choices, f.name, f"one of {choices}")
+        self.check_choices()
         return self
-
-    def to_dict(self):
-        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in dataclasses.fields(self)}
 
 
 # ------------------------------------------------------------------------------------- set-up
