@@ -25,7 +25,7 @@ import time
 import torch
 
 from .config import Settings, TrainConfig
-from .errors import ConfigError, DataError
+from .errors import DataError
 
 log = logging.getLogger(__name__)
 
