@@ -78,19 +78,24 @@ def read_json_rows(path):
             rows = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{e.lineno}:{e.colno}: invalid JSON ({e.msg}). Fix the file.") from None
+        except (ValueError, RecursionError) as e:  # an int of 5,000 digits, nesting deeper than Python's stack
+            raise DataError(f"{path}: invalid JSON ({type(e).__name__}: {str(e)[:100]}). Fix the file.") from None
         return [(f"row {i}", row) for i, row in enumerate(rows)], []
     rows, bad = [], []
-    for n, line in enumerate(text.splitlines(), start=1):
+    # JSONL lines end at "\n" only: str.splitlines would also split at U+2028, U+0085, ... inside JSON strings
+    for n, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
             rows.append((f"line {n}", json.loads(line)))
         except json.JSONDecodeError as e:
             bad.append((f"line {n}", f"invalid JSON ({e.msg} at column {e.colno})"))
+        except (ValueError, RecursionError) as e:
+            bad.append((f"line {n}", f"invalid JSON ({type(e).__name__}: {str(e)[:100]})"))
     if not rows and stripped[0] == "{":  # one pretty-printed JSON object, not JSONL: say so
         try:
             doc = json.loads(text)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             doc = None
         if isinstance(doc, dict):
             raise DataError(f"{path}: expected a JSON list of records or JSONL (one object per line), found one "
@@ -107,7 +112,12 @@ def _row_problem(row):
         return f"missing key {missing[0]!r} (a record needs {list(FIELDS)}; use \"input\": \"\" when there is none)"
     for k in FIELDS:
         if not isinstance(row[k], str):
-            return f"{k!r} is {type(row[k]).__name__} ({str(row[k])[:40]!r}), expected a string"
+            shown = f" ({row[k]!r})" if isinstance(row[k], (int, float)) else ""  # not a list: it may nest 900 deep
+            return f"{k!r} is {type(row[k]).__name__}{shown}, expected a string"
+        try:
+            row[k].encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate escape such as "\ud800": valid JSON, not text (B10)
+            return f"{k!r} holds {row[k][e.start]!r} at character {e.start}, an unpaired surrogate, not Unicode text"
     return None
 
 
