@@ -15,6 +15,7 @@ base model (NF4 or float), add LoRA, build AdamW, resume if asked, then for each
 At the end: OUT/adapter/ (PEFT files), metrics.jsonl, loss.png, train_config.json, manifest.json.
 Precision: bf16 autocast on GPU with LoRA weights and optimizer state in fp32 (QLoRA's setup); fp32 on CPU.
 Resume is exact (tests/test_train.py): the data cursor, optimizer, RNG states and step are restored.
+Under torchrun each rank runs its share of a step's micro-batches and gradients are summed (distributed.py).
 """
 import contextlib
 import dataclasses
@@ -29,6 +30,7 @@ import time
 import numpy as np
 import torch
 
+from . import distributed
 from .checkpoint import check_disk_space, estimate_checkpoint_bytes, latest_checkpoint, load_checkpoint, read_state, save_checkpoint
 from .config import TrainConfig
 from .errors import ConfigError, NonFiniteError, ResumeError
@@ -140,18 +142,20 @@ def step_batches(order, state, accum, last_epoch):
         state.epoch, state.batch_in_epoch = state.epoch + 1, 0
 
 
-def optimizer_step(model, optimizer, params, micro, lr, config, device, dtype, graphed=None):
+def optimizer_step(model, optimizer, params, micro, lr, config, device, dtype, graphed=None, ranks=None):
     """Accumulate gradients over `micro`, clip, and step unless non-finite; returns (loss, grad norm, tokens).
 
     The loss is sum(token losses) / N with N the answer tokens of ALL micro-batches, counted before any
     backward, so the accumulated gradient is exactly that of one big batch. `graphed` (GraphedMicroSteps)
-    replays captured forward+backward graphs instead of running them eagerly.
+    replays captured forward+backward graphs instead of running them eagerly. Under torchrun (`ranks`,
+    distributed.py) `micro` is the step's global list: this rank runs its share, then gradients are summed.
     """
+    ranks = ranks or distributed.Ranks()
     n_tokens = sum(int((b["labels"] != -100).sum()) for b in micro)
     for group in optimizer.param_groups:
         group["lr"] = lr
     loss_sum = torch.zeros((), device=device)  # summed on the device: one host sync per step, not per micro-batch
-    for batch in micro:
+    for batch in ranks.shard(micro):
         batch = _to(batch, device)
         if graphed is not None:
             loss_sum += graphed(batch, 1.0 / n_tokens)
@@ -160,6 +164,7 @@ def optimizer_step(model, optimizer, params, micro, lr, config, device, dtype, g
             loss, _ = token_loss_sum(model, batch, config.pack)
         (loss / n_tokens).backward()
         loss_sum += loss.detach()
+    loss_sum = distributed.sum_over_ranks(ranks, params, loss_sum)  # one all_reduce; nothing on one process
     step_loss = loss_sum.item() / n_tokens
     grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or float("inf")).item()
     if math.isfinite(step_loss) and math.isfinite(grad_norm):  # else: skip, no update (the caller counts it)
@@ -358,6 +363,7 @@ def train(config: TrainConfig):
     config.validate()
     out = os.path.abspath(config.out)
     device, dtype = resolve_device_and_dtype(config)
+    ranks, device = distributed.setup(device)  # torchrun: join the process group, cuda:LOCAL_RANK
     # 1. data first: a bad dataset fails before minutes of model loading
     records = load_records(config.data, skip_bad_rows=config.skip_bad_rows)
     train_records, test_records = split_records(records, test_fraction=config.test_fraction, seed=config.split_seed)
@@ -390,9 +396,10 @@ def train(config: TrainConfig):
     check_disk_space(out, 3 * estimate_checkpoint_bytes(model))  # keep_last=2 while a third is written
     data_fingerprint = fingerprint(train_examples)
     base_hashes = file_sha256s(base_dir)
+    distributed.check_same(ranks, "the tokenized training data and base weights", (data_fingerprint, base_hashes))
 
     # 3. resume, or start fresh
-    state = TrainState()
+    state, rank_rng = TrainState(), None
     ckpt_root = os.path.join(out, "checkpoints")
     manifest_path = os.path.join(out, "manifest.json")
     if config.resume:
@@ -402,25 +409,32 @@ def train(config: TrainConfig):
         manifest_base = json.load(open(manifest_path)).get("base_sha256") if os.path.exists(manifest_path) else None
         _check_resume(config, read_state(path), manifest_base, base_hashes, data_fingerprint)
         saved = load_checkpoint(path, model, optimizer)  # also restores every RNG
-        state = TrainState(**saved["train_state"])
+        state, rank_rng = TrainState(**saved["train_state"]), saved.get("rank_rng")
         log.info("resumed from %s at step %d (epoch %d, batch %d)", path, state.step, state.epoch, state.batch_in_epoch)
-    else:
+    elif ranks.main:
         with open(manifest_path, "w") as f:
             json.dump({"config": config.to_dict(), "base_dir": base_dir, "base_sha256": base_hashes,
                        "data_fingerprint": data_fingerprint, "versions": _versions()}, f, indent=1)
-    with open(os.path.join(out, "train_config.json"), "w") as f:
-        json.dump(config.to_dict(), f, indent=1)
-    metrics = MetricsLog(os.path.join(out, "metrics.jsonl"), keep_up_to_step=state.step if config.resume else None)
+    if ranks.main:
+        with open(os.path.join(out, "train_config.json"), "w") as f:
+            json.dump(config.to_dict(), f, indent=1)
+    distributed.broadcast_parameters(ranks, params)  # rank 0's adapter everywhere, as DDP starts
+    distributed.set_rank_rng(ranks, rank_rng, config.seed, state.step)  # each rank its own dropout masks
+    metrics = MetricsLog(os.path.join(out, "metrics.jsonl") if ranks.main else os.devnull,  # rank 0 logs
+                         keep_up_to_step=state.step if config.resume else None)
 
     def checkpoint():
-        save_checkpoint(ckpt_root, state.step, model, optimizer,
-                        {"train_state": dataclasses.asdict(state), "config": config.to_dict(),
-                         "data_fingerprint": data_fingerprint, "base_model": config.model}, config.keep_last)
+        rng_states = distributed.gather_rng_states(ranks)  # a collective: every rank calls checkpoint()
+        if ranks.main:
+            save_checkpoint(ckpt_root, state.step, model, optimizer,
+                            {"train_state": dataclasses.asdict(state), "config": config.to_dict(),
+                             "data_fingerprint": data_fingerprint, "base_model": config.model,
+                             "rank_rng": rng_states}, config.keep_last)
 
     # 4. the loop
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total_steps, initial=state.step, disable=not config.progress, dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=state.step, disable=not (config.progress and ranks.main), dynamic_ncols=True)
     model.train()
     graphed = GraphedMicroSteps(model, params, config.pack, dtype, tok.pad_id) if config.cuda_graphs and device.type == "cuda" else None
     steps = step_batches(order, state, config.grad_accum_steps, None if config.max_steps else config.epochs - 1)
@@ -429,7 +443,7 @@ def train(config: TrainConfig):
         t0 = time.perf_counter()
         lr = learning_rate_at(config, state.updates, total_steps)
         step_loss, grad_norm, n_tokens = optimizer_step(model, optimizer, params, micro, lr, config, device, dtype,
-                                                        graphed)
+                                                        graphed, ranks)
         state.step += 1
         skipped = not (math.isfinite(step_loss) and math.isfinite(grad_norm))
         if skipped:
@@ -443,7 +457,7 @@ def train(config: TrainConfig):
         input_tokens = sum(int((b["segments"] != 0).sum()) for b in micro)  # segment 0 = padding
         record = {"step": state.step, "epoch": state.epoch, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
                   "answer_tokens": n_tokens, "tokens_per_s": input_tokens / seconds, "seconds": seconds,
-                  "memory_gb": memory_gb(device), "skipped": skipped}
+                  "memory_gb": memory_gb(device), "skipped": skipped, "world_size": ranks.world}
         if state.nonfinite_in_a_row >= config.max_nonfinite_steps:
             metrics.write(record)
             raise NonFiniteError(f"{state.nonfinite_in_a_row} optimizer steps in a row had a non-finite loss or "
@@ -466,12 +480,14 @@ def train(config: TrainConfig):
     check_finite(lora_parameters(model), "the final adapter")
     checkpoint()
     adapter_dir = os.path.join(out, "adapter")
-    save_adapter(model, adapter_dir, base_model_name_or_path=config.model)
-    tok.save(adapter_dir)  # the tokenizer travels with the adapter, as peft users expect
-    plot_losses(os.path.join(out, "metrics.jsonl"), os.path.join(out, "loss.png"))
+    if ranks.main:
+        save_adapter(model, adapter_dir, base_model_name_or_path=config.model)
+        tok.save(adapter_dir)  # the tokenizer travels with the adapter, as peft users expect
+        plot_losses(os.path.join(out, "metrics.jsonl"), os.path.join(out, "loss.png"))
     summary = {"steps": state.step, "updates": state.updates, "train_loss": last_loss, "eval_loss": eval_loss,
                "tokens_seen": state.tokens_seen, "adapter": adapter_dir}
     log.info("done: %s", summary)
+    distributed.teardown(ranks)  # the others wait here for rank 0's writes
     return summary
 
 
