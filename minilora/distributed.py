@@ -41,8 +41,9 @@ match one process step for step.
 Not implemented: FSDP2 (`torch.distributed.fsdp.fully_shard`) of the frozen NF4 base, for bases too big for
 one card. fully_shard shards nn.Parameters; our NF4 weight is `weight_packed` (uint8) + `weight_absmax`
 BUFFERS (nf4.Linear4bit), which fully_shard leaves whole on every rank. Sharding it needs the packed bytes
-turned into frozen Parameters with an all-gather per layer before its dequantize (as bitsandbytes'
-`quant_storage` does for FSDP), and the CUDA-graph capture to cope with those all-gathers.
+held as frozen Parameters in a float storage dtype (bitsandbytes' `quant_storage`, its "FSDP-QLoRA" docs:
+FSDP shards float types), viewed back as uint8 for the dequantize, and the CUDA-graph micro-step to cope
+with fully_shard's per-layer all-gathers.
 """
 import base64
 import logging
