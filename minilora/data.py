@@ -137,15 +137,18 @@ def read_records(source):
     return records, problems
 
 
-def load_records(source, skip_bad_rows=False):
+def load_records(source, skip_bad_rows=False, counts=None):
     """CodeAlpaca records (dicts with string `instruction`, `input`, `output`) from a JSON list or JSONL
     file, or from a hub dataset id (default copy: `HUB_DATASET`).
 
     Any bad row fails with one DataError listing the first few, unless `skip_bad_rows`: then they are
-    dropped and their count logged. An empty result is always an error.
+    dropped and their count logged. An empty result is always an error. `counts`, a dict, receives "rows"
+    and "bad_rows_skipped" (for the preflight report).
     """
     records, problems = read_records(source)
     total = len(records) + len(problems)
+    if counts is not None:
+        counts.update(rows=total, bad_rows_skipped=len(problems))
     listed = "; ".join(problems[:_MAX_LISTED]) + (" ..." if len(problems) > _MAX_LISTED else "")
     if not records:
         raise DataError(f"{source}: dataset has 0 usable rows ({len(problems)} rejected{': ' + listed if listed else ''}).")

@@ -31,10 +31,11 @@ import numpy as np
 import torch
 
 from . import distributed
-from .checkpoint import check_disk_space, estimate_checkpoint_bytes, latest_checkpoint, load_checkpoint, read_state, save_checkpoint
+from .checkpoint import latest_checkpoint, load_checkpoint, read_state, save_checkpoint
 from .config import TrainConfig
 from .errors import ConfigError, NonFiniteError, ResumeError
 from .lora import apply_lora, check_finite, lora_parameters, save_adapter
+from .preflight import preflight
 
 log = logging.getLogger(__name__)
 
@@ -365,13 +366,14 @@ def train(config: TrainConfig):
     device, dtype = resolve_device_and_dtype(config)
     ranks, device = distributed.setup(device)  # torchrun: join the process group, cuda:LOCAL_RANK
     # 1. data first: a bad dataset fails before minutes of model loading
-    records = load_records(config.data, skip_bad_rows=config.skip_bad_rows)
+    counts = {}  # rows read and skipped, for the preflight report
+    records = load_records(config.data, skip_bad_rows=config.skip_bad_rows, counts=counts)
     train_records, test_records = split_records(records, test_fraction=config.test_fraction, seed=config.split_seed)
+    counts.update(train=len(train_records), test=len(test_records))
     base_dir = os.path.abspath(resolve_model_dir(config.model))
     if out == base_dir or out.startswith(base_dir + os.sep):
         raise ConfigError(f"--out {config.out} is inside the base model directory {base_dir}; choose another "
                           "directory so the base model is never overwritten.")
-    os.makedirs(out, exist_ok=True)
 
     # 2. model, tokenizer, LoRA
     seed_everything(config.seed)
@@ -393,7 +395,9 @@ def train(config: TrainConfig):
                        pack=config.pack)
     accum = config.grad_accum_steps
     total_steps = config.max_steps or sum(math.ceil(order.num_batches(e) / accum) for e in range(config.epochs))
-    check_disk_space(out, 3 * estimate_checkpoint_bytes(model))  # keep_last=2 while a third is written
+    # every row, id, the largest batch's forward/backward and the disk, checked before anything is written
+    preflight(config, model, tok, train_examples, stats, out, device, dtype, counts, verbose=ranks.main)
+    os.makedirs(out, exist_ok=True)
     data_fingerprint = fingerprint(train_examples)
     base_hashes = file_sha256s(base_dir)
     distributed.check_same(ranks, "the tokenized training data and base weights", (data_fingerprint, base_hashes))
