@@ -12,7 +12,9 @@ Layout (RELIABILITY.md §3.1: llm.c's DONE marker plus HF's file split, no pickl
 
 Atomicity: files go to the temp dir, each fsynced; COMPLETE is written and fsynced; the directory is
 fsynced and renamed into place, then its parent fsynced. Only then are checkpoints beyond `keep_last`
-deleted, so a crash at any point leaves the previous complete checkpoint intact. A checkpoint whose
+deleted, so a crash at any point leaves the previous complete checkpoint intact. A step written again (a
+resumed run repeating it) swaps directories: the old copy is renamed aside to step_N.old-<pid> and deleted only
+once the new one is in place; a crash between the two renames is repaired on resume. A checkpoint whose
 COMPLETE is missing or whose hashes disagree is skipped on resume, falling back to an older one.
 
 Test hook: MINILORA_TEST_CHECKPOINT_PAUSE="STEP:SECONDS" sleeps halfway through writing
@@ -41,6 +43,7 @@ STATE = "state.json"
 OPTIMIZER = "optimizer.safetensors"
 RNG = "rng.safetensors"
 PAUSE_ENV = "MINILORA_TEST_CHECKPOINT_PAUSE"
+OLD_MARK = ".old-"  # step_000200.old-<pid>: the previous copy of a step being rewritten
 
 
 # ------------------------------------------------------------------------------------- file writing
@@ -181,29 +184,35 @@ def save_checkpoint(root, step, model, optimizer, state, keep_last=2):
     os.makedirs(root, exist_ok=True)
     final = os.path.join(root, step_dir_name(step))
     tmp = f"{final}.tmp-{os.getpid()}"
+    files = {
+        ADAPTER_CONFIG: json.dumps(adapter_config(model, state.get("base_model")), indent=2).encode(),
+        ADAPTER_WEIGHTS: save_safetensors_bytes(adapter, metadata={"format": "pt"}),
+        RNG: save_safetensors_bytes({k: v.contiguous() for k, v in rng_tensors.items()}),
+        STATE: json.dumps(full_state, indent=1).encode(),
+        OPTIMIZER: save_safetensors_bytes(opt_tensors),
+    }
+    needed = sum(len(data) for data in files.values())
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-        files = {
-            ADAPTER_CONFIG: json.dumps(adapter_config(model, state.get("base_model")), indent=2).encode(),
-            ADAPTER_WEIGHTS: save_safetensors_bytes(adapter, metadata={"format": "pt"}),
-            RNG: save_safetensors_bytes({k: v.contiguous() for k, v in rng_tensors.items()}),
-            STATE: json.dumps(full_state, indent=1).encode(),
-            OPTIMIZER: save_safetensors_bytes(opt_tensors),
-        }
         for name, data in files.items():
             _write_file(os.path.join(tmp, name), data, _pause_for(step) if name == OPTIMIZER else 0.0)
         digests = {name: _sha256(os.path.join(tmp, name)) for name in files}
         _write_file(os.path.join(tmp, COMPLETE), json.dumps({"step": step, "sha256": digests}, indent=1).encode())
         _fsync_dir(tmp)
-        if os.path.exists(final):  # the same step written again (a resumed run): replace it
-            shutil.rmtree(final)
-        os.rename(tmp, final)
+        if os.path.exists(final):  # the same step written again (a resumed run): swap, so that a crash between
+            old = f"{final}{OLD_MARK}{os.getpid()}"  # the renames leaves the old copy, which resume puts back
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, final)
         _fsync_dir(root)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"writing checkpoint {final} failed: {e}. Older checkpoints in {root} are intact; "
-                              "free disk space (or fix permissions) and resume with --resume.") from None
+        raise CheckpointError(f"writing checkpoint {final} failed: {e} (it needs ~{needed / 2**20:.1f} MiB). Older "
+                              f"checkpoints in {root} are intact; free disk space (or fix permissions) and resume "
+                              "with --resume.") from None
     _prune(root, keep_last)
     return final
 
@@ -248,6 +257,14 @@ def latest_checkpoint(root):
     """The newest checkpoint in `root` that verifies, or None. Removes interrupted temp dirs; logs skips."""
     if not os.path.isdir(root):
         return None
+    for name in sorted(os.listdir(root)):
+        if OLD_MARK in name:  # a crash while a step was rewritten: keep the old copy unless the new one is in place
+            step_dir = os.path.join(root, name.split(OLD_MARK)[0])
+            if os.path.exists(step_dir):
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+            else:
+                log.warning("restoring %s from an interrupted rewrite", step_dir)
+                os.rename(os.path.join(root, name), step_dir)
     for name in os.listdir(root):
         if ".tmp-" in name:
             log.warning("removing interrupted checkpoint write %s", os.path.join(root, name))
