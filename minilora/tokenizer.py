@@ -9,6 +9,7 @@ import os
 
 import tokenizers
 
+from .config import MAX_CONFIG_BYTES
 from .errors import TokenizerError
 
 
@@ -53,11 +54,15 @@ class Tokenizer:
 def _read_json(path):
     if not os.path.isfile(path):
         return {}
+    if os.path.getsize(path) > MAX_CONFIG_BYTES:  # RELIABILITY F3: bound what we parse
+        raise TokenizerError(f"{path}: {os.path.getsize(path)} bytes is too large for this file (limit "
+                             f"{MAX_CONFIG_BYTES}). Re-download it.")
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TokenizerError(f"{path}: not valid JSON ({e}). Re-download or fix the file.") from None
+    except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, a 5,000-digit int, nesting past Python's stack
+        raise TokenizerError(f"{path}: not valid JSON ({type(e).__name__}: {str(e)[:200]}). Re-download or fix "
+                             "the file.") from None
     if not isinstance(data, dict):
         raise TokenizerError(f"{path}: expected a JSON object, found {type(data).__name__}.")
     return data
@@ -118,7 +123,8 @@ def load_tokenizer(directory):
                                  "or config.json; add `eos_token` to tokenizer_config.json.")
         eos_id = stop_ids[0]
     for name, value in (("bos", bos_id), ("eos", eos_id), ("pad", pad_id), *(("stop", s) for s in stop_ids)):
-        if value is not None and not (0 <= int(value) < tokenizer.get_vocab_size(with_added_tokens=True)):
-            raise TokenizerError(f"{directory}: {name} id {value} is outside the vocabulary "
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or not 0 <= value < tokenizer.get_vocab_size(with_added_tokens=True)):
+            raise TokenizerError(f"{directory}: {name} id {value!r} is not a token id of the vocabulary "
                                  f"(size {tokenizer.get_vocab_size(with_added_tokens=True)}).")
     return Tokenizer(tokenizer, bos_id, eos_id, pad_id, stop_ids)
