@@ -1,8 +1,9 @@
 """Loading Hugging Face safetensors checkpoints into `Transformer`, strictly and tensor by tensor.
 
 - `model.safetensors`, or shards listed in `model.safetensors.index.json`.
-- Strict: every checkpoint tensor maps to a parameter, every parameter is filled once, shapes match,
-  dtypes are floating point; all problems are gathered into one `WeightsError` naming file and key.
+- Strict: every checkpoint tensor maps to a parameter, every parameter is filled once, shapes match (a
+  mismatch names the config.json fields behind it), dtypes are floating point (float64 is cast, with a
+  warning) and values finite; all problems are gathered into one `WeightsError` naming file and key.
 - Pickle formats (`*.bin`, `*.pt`, `*.pth`) are refused: loading them can run arbitrary code.
 - Streaming: the model is built on the meta device and each tensor is read (plain reads, no mmap that
   would keep the file's pages resident), cast and moved on its own, so host memory peaks near one copy
@@ -13,6 +14,7 @@
 - Phi-3's fused `qkv_proj` / `gate_up_proj` are split here (rows q;k;v and gate;up).
 """
 import json
+import logging
 import math
 import os
 
@@ -22,8 +24,10 @@ from torch import nn
 from .config import ModelConfig
 from .errors import WeightsError
 
+log = logging.getLogger(__name__)
+
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)  # float64: cast, with a log line
 
 
 def find_weight_files(directory):
@@ -83,6 +87,17 @@ def checkpoint_key_map(config: ModelConfig, model: nn.Module):
                                                    (f"{mlp}.up_proj.weight", slice(F, 2 * F))]
             del names[f"{mlp}.gate_proj.weight"], names[f"{mlp}.up_proj.weight"]
     return names
+
+
+def _config_fields(config, expected, found):
+    """' (from config.json: hidden_size=64)': the config fields behind the expected dims that differ."""
+    sizes = {"vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
+             "intermediate_size": config.intermediate_size, "head_dim": config.head_dim,
+             "num_attention_heads * head_dim": config.num_attention_heads * config.head_dim,
+             "num_key_value_heads * head_dim": config.num_key_value_heads * config.head_dim}
+    wrong = set(expected) if len(expected) != len(found) else {e for e, f in zip(expected, found) if e != f}
+    named = [f"{k}={v}" for k, v in sizes.items() if v in wrong]
+    return f" (from config.json: {', '.join(named)})" if named else ""
 
 
 def set_parameter(model, name, value: torch.Tensor):
@@ -195,7 +210,7 @@ def load_weights(model: nn.Module, directory, dtype, device, quantize=None, back
     config = model.config
     key_map = checkpoint_key_map(config, model)
     expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
-    filled, problems = set(), []
+    filled, problems, cast = set(), [], []
     files, weight_map = find_weight_files(directory)
     handles = [SafetensorsFile(path) for path in files]
     try:
@@ -229,8 +244,12 @@ def load_weights(model: nn.Module, directory, dtype, device, quantize=None, back
                     continue
                 tensor = handle.get_tensor(key)
                 if tensor.dtype not in FLOAT_DTYPES:
-                    problems.append(f"{fname}: tensor {key!r} has dtype {tensor.dtype}, expected a floating dtype")
+                    problems.append(f"{fname}: tensor {key!r} has dtype {tensor.dtype}, expected a floating dtype "
+                                    "(float32, bfloat16, float16 or float64)")
                     continue
+                if tensor.dtype == torch.float64:
+                    cast.append(key)
+                    tensor = tensor.float()  # before the finiteness check: 1e300 becomes inf here, not later
                 if not torch.isfinite(tensor).all():
                     bad = (~torch.isfinite(tensor)).sum().item()
                     problems.append(f"{fname}: tensor {key!r} has {bad} non-finite values (NaN/inf)")
@@ -241,7 +260,8 @@ def load_weights(model: nn.Module, directory, dtype, device, quantize=None, back
                         problems.append(f"{fname}: fused tensor {key!r} has {tensor.shape[0]} rows, expected at least {rows.stop}")
                         continue
                     if tuple(part.shape) != expected[name]:
-                        problems.append(f"{fname}: tensor {key!r} has shape {list(part.shape)}, expected {list(expected[name])}")
+                        problems.append(f"{fname}: tensor {key!r} has shape {list(part.shape)}, expected "
+                                        f"{list(expected[name])}{_config_fields(config, expected[name], part.shape)}")
                         continue
                     if name in filled:
                         problems.append(f"{fname}: tensor {key!r} appears more than once")
@@ -259,6 +279,9 @@ def load_weights(model: nn.Module, directory, dtype, device, quantize=None, back
     if problems:
         raise WeightsError(f"checkpoint {directory} does not match the {config.model_type} model built from its "
                            "config.json:\n  - " + "\n  - ".join(problems))
+    if cast:
+        log.warning("%s: %d float64 tensors (%s%s) cast to %s", directory, len(cast), ", ".join(cast[:3]),
+                    " ..." if len(cast) > 3 else "", str(dtype).removeprefix("torch."))
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.reset_rope(device)
