@@ -1,7 +1,8 @@
 """Every error minilora raises on purpose, in one place.
 
 Each message says what went wrong, where (file, key, row or flag), what was expected and what was
-found, and what to do. Callers catch `MiniloraError` to tell our clear errors from bugs.
+found, and what to do. Callers catch `MiniloraError` to tell our clear errors from bugs. Each is also a
+ValueError (bad input) or RuntimeError (a state or environment problem), RELIABILITY.md promise 3.
 """
 
 
@@ -21,7 +22,7 @@ class CheckpointError(MiniloraError, RuntimeError):
     """A training checkpoint (adapter, optimizer, state) that is incomplete, corrupt or cannot be written."""
 
 
-class TokenizerError(MiniloraError):
+class TokenizerError(MiniloraError, ValueError):
     """tokenizer.json / tokenizer_config.json missing or malformed."""
 
 
@@ -29,13 +30,13 @@ class DataError(MiniloraError, ValueError):
     """A dataset file or row that cannot be used (names the file and row)."""
 
 
-class HubError(MiniloraError):
+class HubError(MiniloraError, RuntimeError):
     """A hub download that failed (no network, gated repo, unknown id)."""
 
 
-class ResumeError(MiniloraError):
+class ResumeError(MiniloraError, RuntimeError):
     """A training checkpoint that cannot be resumed from (incomplete, or from another config)."""
 
 
-class NonFiniteError(MiniloraError, FloatingPointError):
+class NonFiniteError(MiniloraError, FloatingPointError, RuntimeError):
     """Loss or gradients stayed NaN/inf for too many steps in a row."""

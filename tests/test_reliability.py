@@ -458,3 +458,13 @@ def test_f4_output_inside_the_base_model_is_refused(inputs, tmp_path):
         with pytest.raises(ConfigError, match="inside the base model directory"):
             train(_config(inputs, out, model=str(base)))
     assert sorted(os.listdir(base)) == before
+
+
+def test_every_error_type_is_a_value_or_runtime_error():
+    """Promise 3: one module of error types, each a ValueError (bad input) or RuntimeError (state, environment)."""
+    from minilora import errors
+
+    types = [t for t in vars(errors).values() if isinstance(t, type) and issubclass(t, errors.MiniloraError)]
+    assert len(types) == 10
+    for t in types[1:]:
+        assert issubclass(t, (ValueError, RuntimeError)), t
