@@ -15,8 +15,8 @@ What loading cannot see is checked here:
     longest example (every row is max_seq_len tokens with --pack). Out of memory, a shape error or a
     non-finite loss shows here, not hours in. The RNG state and the gradients are restored afterwards, so the
     run computes the same numbers as without preflight (tests/test_train.py's pinned loss curve).
-It prints a short report: rows kept, dropped and truncated, the step's memory estimate (minilora.inspect's
-formulas; on CUDA also the measured peak), and the disk needed.
+It logs a short report (INFO: train.py shows it on stderr): rows kept, dropped and truncated, the step's memory
+estimate (minilora.inspect's formulas; on CUDA also the measured peak), and the disk needed.
 """
 import logging
 import math
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 
 def preflight(config, model, tok, examples, stats, out, device, dtype, counts=None, verbose=True):
-    """Check the run described above; returns the report (printed when `verbose`). Raises a MiniloraError.
+    """Check the run described above; returns the report (logged when `verbose`). Raises a MiniloraError.
 
     examples: the tokenized training examples; stats: their data.TokenizeStats; counts: load_records'
     {"rows", "bad_rows_skipped", "train", "test"} when known.
@@ -55,8 +55,8 @@ def preflight(config, model, tok, examples, stats, out, device, dtype, counts=No
         f"  disk     ~{_gib(disk)} for checkpoints at {out}: enough free",
     ]
     report = "\n".join(lines)
-    if verbose:
-        print(report, flush=True)
+    if verbose:  # train.py logs INFO to stderr; stdout stays for the tables evaluate.py and the study print
+        log.info("%s", report)
     return report
 
 

@@ -412,8 +412,8 @@ def test_preflight_tokenizer_of_another_model(tmp_path):
         train(regen.recipe_config(str(base), str(data_file), str(tmp_path / "out")))
 
 
-def test_preflight_report(inputs, tmp_path, capsys):
-    """Rows read, skipped, dropped and truncated, the step's size and memory, the disk: printed before step 1."""
+def test_preflight_report(inputs, tmp_path, caplog):
+    """Rows read, skipped, dropped and truncated, the step's size and memory, the disk: logged before step 1."""
     from minilora.trainer import train
 
     rows = regen.synthetic_records(6) + [{"instruction": "Empty.", "input": "", "output": ""},
@@ -421,8 +421,10 @@ def test_preflight_report(inputs, tmp_path, capsys):
                                          {"instruction": "No output key.", "input": ""}]
     data_file = tmp_path / "rows.jsonl"
     data_file.write_text("\n".join(json.dumps(r) for r in rows))
-    train(_config(inputs, tmp_path / "out", data=str(data_file), skip_bad_rows=True, test_fraction=0.0, max_steps=1))
-    report = capsys.readouterr().out
+    with caplog.at_level(logging.INFO, logger="minilora.preflight"):
+        train(_config(inputs, tmp_path / "out", data=str(data_file), skip_bad_rows=True, test_fraction=0.0,
+                      max_steps=1))
+    report = "\n".join(r.getMessage() for r in caplog.records if r.name == "minilora.preflight")
     assert "preflight: ok" in report
     assert "9 rows read, 1 bad rows skipped; 8 train / 0 held out" in report
     assert "kept 7, dropped 1 with an empty output and 0 over-long, truncated 1" in report
