@@ -12,6 +12,7 @@ D resume: the settings policy (D4, D5); a crash while a step is rewritten keeps 
 E resources, the preflight (issue 8 item 2): disk (E1, E2), out of memory (E3), a non-finite first step, a
   tokenizer from another model, and the printed report.
 F security: oversized and deeply nested JSON (F3); an output dir inside the base model (F4).
+G kernels: the torch and Triton backends train to the same bytes (G6).
 """
 import errno
 import importlib.util
@@ -460,6 +461,19 @@ def test_f4_output_inside_the_base_model_is_refused(inputs, tmp_path):
         with pytest.raises(ConfigError, match="inside the base model directory"):
             train(_config(inputs, out, model=str(base)))
     assert sorted(os.listdir(base)) == before
+
+
+def test_g6_torch_and_triton_backends_train_the_same(inputs, tmp_path):
+    """Four NF4 steps of the expected-loss recipe: the Triton kernels (CPU interpreter) give the torch backend's
+    losses and adapter bit for bit (bf16 and the bnb backend: tests/test_nf4_kernels.py, -m gpu)."""
+    from minilora.trainer import read_metrics, train
+
+    runs = {}
+    for backend in ("torch", "triton"):
+        train(_config(inputs, tmp_path / backend, quantize="nf4", backend=backend))
+        runs[backend] = ([r["loss"] for r in read_metrics(str(tmp_path / backend / "metrics.jsonl")) if "loss" in r],
+                         (tmp_path / backend / "adapter" / "adapter_model.safetensors").read_bytes())
+    assert len(runs["torch"][0]) == 4 and runs["torch"] == runs["triton"], (runs["torch"][0], runs["triton"][0])
 
 
 def test_every_error_type_is_a_value_or_runtime_error():
