@@ -1,6 +1,6 @@
 """Fuzzing the loaders (issue 8, RELIABILITY.md promise 3): mutated inputs only ever raise our clear errors.
 
-Each target feeds 300-800 hypothesis-made inputs (3,000 in all, ~20 s), near-valid on purpose (a valid file with a few bytes
+Each target feeds 300-800 hypothesis-made inputs (2,700 in all, ~20 s), near-valid on purpose (a valid file with a few bytes
 or keys changed reaches deeper code than random noise), to one of the loaders that reads user files:
   - safetensors files: byte flips, cuts and insertions, a rewritten length field, rewritten header JSON
     (minilora.weights.SafetensorsFile, then every tensor read back);
