@@ -282,10 +282,13 @@ class MetricsLog:
         if keep_up_to_step is None:
             open(path, "w").close()
         elif os.path.exists(path):
-            with open(path, encoding="utf-8") as f:
-                lines = [line for line in f if line.strip() and json.loads(line)["step"] <= keep_up_to_step]
-            with open(path, "w", encoding="utf-8") as f:
-                f.writelines(lines)
+            keep = [r for r in read_metrics(path) if r.get("step", 0) <= keep_up_to_step]
+            tmp = path + ".tmp"
+            with open(tmp, "w", encoding="utf-8") as f:  # a kill mid-rewrite leaves the old log intact
+                f.writelines(json.dumps(r) + "\n" for r in keep)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
 
     def write(self, record):
         with open(self.path, "a", encoding="utf-8") as f:
@@ -293,8 +296,15 @@ class MetricsLog:
 
 
 def read_metrics(path):
+    """The records of a metrics.jsonl; a torn last line (a run killed mid-write) is skipped."""
+    records = []
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return [r for r in records if isinstance(r, dict)]
 
 
 def plot_losses(metrics_path, png_path):

@@ -325,3 +325,15 @@ def test_cuda_graph_steps_match_eager_steps(inputs, tmp_path, device, pack):
     assert len(runs[True]) == 6
     # bf16 autocast; the graph replays the same kernels, so only atomics-order noise separates the two
     assert runs[True] == pytest.approx(runs[False], rel=1e-3), (runs[True], runs[False])
+
+
+def test_metrics_log_survives_a_torn_line_and_rewrites_atomically(tmp_path):
+    from minilora.trainer import MetricsLog, read_metrics
+
+    path = str(tmp_path / "metrics.jsonl")
+    with open(path, "w") as f:
+        f.write('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')  # killed mid-write
+    assert [r["step"] for r in read_metrics(path)] == [1, 2]
+    MetricsLog(path, keep_up_to_step=1).write({"step": 2, "loss": 1.4})
+    assert read_metrics(path) == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.4}]
+    assert not os.path.exists(path + ".tmp")
