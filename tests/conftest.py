@@ -12,9 +12,40 @@ except ImportError:  # pragma: no cover
 if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared")
 REFERENCE_DIR = os.path.abspath(os.path.join(SHARED, "reference"))
 DATA_FILE = os.path.abspath(os.path.join(SHARED, "data", "code_alpaca_2k.json"))
+
+
+def _load_regen():
+    """scripts/regenerate_expected_loss.py as a module: the tiny training recipe several test files share."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("regen", os.path.join(ROOT, "scripts", "regenerate_expected_loss.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+regen = _load_regen()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`): tiny matmuls
+    gain nothing from two, on a shared 2-core machine a second thread waiting for a busy core made the same
+    steps up to 20x slower, and subprocesses run with OMP_NUM_THREADS=1 give the same float sums."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """(base model dir, data file) of the expected-loss recipe: a 2-layer tiny Llama (tied embeddings), 16 rows."""
+    return regen.write_inputs(str(tmp_path_factory.mktemp("inputs")))
 
 
 @pytest.fixture(autouse=True)

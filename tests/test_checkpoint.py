@@ -20,17 +20,11 @@ from minilora import checkpoint as ckpt
 from minilora.errors import CheckpointError, NonFiniteError, ResumeError
 from minilora.lora import apply_lora, lora_parameters
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 shutil_usage = namedtuple("usage", "total used free")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: these tiny matmuls gain nothing from two, and on a shared 2-core machine
-    a second thread waiting for a busy core made the same steps up to 20x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class Tiny(nn.Module):

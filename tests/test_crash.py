@@ -19,7 +19,6 @@ recorded in docs/reliability.md. E4: an out-of-memory error in the middle of a r
 intact, and --resume then reaches the same adapter.
 """
 import glob
-import importlib.util
 import json
 import os
 import random
@@ -35,10 +34,9 @@ import torch
 from minilora.checkpoint import PAUSE_ENV, verify_checkpoint
 from minilora.config import TrainConfig
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
-_spec = importlib.util.spec_from_file_location("regen", os.path.join(ROOT, "scripts", "regenerate_expected_loss.py"))
-regen = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(regen)
+from conftest import ROOT
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 KILLS = 10
 SETTINGS = dict(max_steps=30, quantize="none", backend="torch", device="cpu", dtype="float32", lora_r=8, lora_alpha=16.0,
@@ -47,18 +45,8 @@ SETTINGS = dict(max_steps=30, quantize="none", backend="torch", device="cpu", dt
                 progress=False, seed=0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread in-process, as OMP_NUM_THREADS=1 gives the subprocesses: the same float sums."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
-    return regen.write_inputs(str(tmp_path_factory.mktemp("inputs")))
 
 
 def _config(inputs, out, **changes):

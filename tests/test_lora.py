@@ -24,17 +24,11 @@ from minilora.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, DEFAULT_TARGETS, app
                            lora_modules, merge_lora, save_adapter, save_merged, unmerge_lora)
 from tiny import make_checkpoint
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 HAS_NF4_FORWARD = importlib.util.find_spec("kernels.backend") is not None
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: these tiny matmuls gain nothing from two, and on a shared 2-core machine
-    a second thread waiting for a busy core made the same steps up to 20x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def assert_close(actual, expected, atol, rtol, what):

@@ -15,7 +15,6 @@ F security: oversized and deeply nested JSON (F3); an output dir inside the base
 G kernels: NF4 round-trip error in bf16 (G2); the torch and Triton backends train to the same bytes (G6).
 """
 import errno
-import importlib.util
 import json
 import logging
 import os
@@ -37,25 +36,13 @@ from minilora.lora import apply_lora, load_adapter, lora_parameters
 from minilora.tokenizer import load_tokenizer
 from tiny import make_checkpoint
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
-_spec = importlib.util.spec_from_file_location("regen", os.path.join(ROOT, "scripts", "regenerate_expected_loss.py"))
-regen = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(regen)
+from conftest import regen
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread, as tests/test_train.py (tiny matmuls on a shared 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
-    """(base model dir, data file) of the expected-loss recipe: a 2-layer tiny Llama (tied embeddings), 16 rows."""
-    return regen.write_inputs(str(tmp_path_factory.mktemp("inputs")))
 
 
 def _copy(base, tmp_path, name="base"):

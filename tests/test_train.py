@@ -12,7 +12,6 @@
 - the pinned expected-loss curves (tests/expected_loss.json, scripts/regenerate_expected_loss.py).
 """
 import glob
-import importlib.util
 import json
 import math
 import os
@@ -32,26 +31,13 @@ from minilora.config import TrainConfig, parse_config
 from minilora.errors import ConfigError, NonFiniteError, ResumeError
 from minilora.lora import lora_modules
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
-_spec = importlib.util.spec_from_file_location("regen", os.path.join(ROOT, "scripts", "regenerate_expected_loss.py"))
-regen = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(regen)
+from conftest import ROOT, regen
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: these tiny matmuls gain nothing from two, and on a shared 2-core machine
-    a second thread waiting for a busy core made the same steps up to 20x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
-    """(base model dir, data file): the expected-loss recipe's inputs, written once."""
-    return regen.write_inputs(str(tmp_path_factory.mktemp("inputs")))
 
 
 def _config(inputs, out, **overrides):
