@@ -306,7 +306,7 @@ class Settings:
 @dataclasses.dataclass
 class TrainConfig(Settings):
     model: str = _field("llama3-3b", "short name (see minilora/hub.py), hub id, or local directory of the base model")
-    data: str = _field("sahil280114/codealpaca-20k", "CodeAlpaca JSON/JSONL file, or a hub dataset id")
+    data: str = _field("sahil2801/CodeAlpaca-20k", "CodeAlpaca JSON/JSONL file, or a hub dataset id")
     out: str = _field("runs/qlora", "output directory: adapter/, checkpoints/, metrics.jsonl, loss.png, train_config.json")
     quantize: str = _field("nf4", "base weights: 'nf4' (QLoRA) or 'none' (float base, plain LoRA)", choices=("nf4", "none"))
     backend: str = _field("auto", "4-bit matmul backend", choices=("auto", "torch", "triton", "bnb"))

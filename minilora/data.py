@@ -33,7 +33,8 @@ from .errors import ConfigError, DataError, HubError
 
 IGNORE_INDEX = -100
 FIELDS = ("instruction", "input", "output")
-HUB_DATASET = "sahil280114/codealpaca-20k"
+# The Hugging Face copy of CodeAlpaca-20k (../shared/data/README.md); the GitHub repo is sahil280114/codealpaca.
+HUB_DATASET = "sahil2801/CodeAlpaca-20k"
 # The json file inside known hub copies of CodeAlpaca-20k; other repos must hold exactly one .json/.jsonl.
 _HUB_FILES = {"sahil280114/codealpaca-20k": "code_alpaca_20k.json", "sahil2801/codealpaca-20k": "code_alpaca_20k.json"}
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")

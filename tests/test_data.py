@@ -132,7 +132,7 @@ def test_hub_offline_says_pass_data_file(monkeypatch):
     def offline(*args, **kwargs):
         raise ConnectionError("network unreachable")
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
-    with pytest.raises(HubError, match=r"sahil280114/codealpaca-20k.*network unreachable.*--data FILE"):
+    with pytest.raises(HubError, match=r"sahil2801/CodeAlpaca-20k.*network unreachable.*--data FILE"):
         data.load_records(data.HUB_DATASET)
 
 
