@@ -28,6 +28,11 @@ def set_backend(name: str) -> None:
     _setting = name
 
 
+def get_backend() -> str:
+    """The current setting ("auto" unless set_backend or MINILORA_BACKEND chose one)."""
+    return _setting
+
+
 def resolve_backend(name: str, device: torch.device) -> str:
     """The concrete backend for a tensor on `device`: 'auto' falls back on the setting, then the device."""
     name = _setting if name == "auto" else name

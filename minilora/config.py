@@ -309,7 +309,9 @@ class TrainConfig(Settings):
     data: str = _field("sahil2801/CodeAlpaca-20k", "CodeAlpaca JSON/JSONL file, or a hub dataset id")
     out: str = _field("runs/qlora", "output directory: adapter/, checkpoints/, metrics.jsonl, loss.png, train_config.json")
     quantize: str = _field("nf4", "base weights: 'nf4' (QLoRA) or 'none' (float base, plain LoRA)", choices=("nf4", "none"))
-    backend: str = _field("auto", "4-bit matmul backend", choices=("auto", "torch", "triton", "bnb"))
+    backend: str = _field("auto", "kernels: 4-bit matmul, and on GPU the fused training ops ('torch' = the plain "
+                                  "PyTorch reference path everywhere; auto = triton on GPU)",
+                          choices=("auto", "torch", "triton", "bnb"))
     device: str = _field("auto", "'auto' (cuda if present, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
     dtype: str = _field("auto", "compute dtype: 'auto' = bfloat16 autocast on GPU, float32 on CPU",
                         choices=("auto", "bfloat16", "float32"))
@@ -339,6 +341,8 @@ class TrainConfig(Settings):
     gradient_checkpointing: bool = _field(True, "recompute each block in the backward pass to save memory")
     cuda_graphs: bool = _field(True, "on a GPU, capture each micro-batch's forward+backward as a CUDA graph "
                                      "(one per batch shape) and replay it: removes the CPU launch overhead")
+    fsdp: bool = _field(False, "under torchrun, shard the frozen base over the ranks with FSDP2 (fully_shard): "
+                               "for bases too big for one GPU; the LoRA weights stay replicated")
     seed: int = _field(0, "seed for LoRA init, dropout and the batch order")
     # data
     max_seq_len: int = _field(512, "longest example in tokens (longer ones are truncated or dropped)")

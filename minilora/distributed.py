@@ -38,12 +38,23 @@ carry every rank's RNG state, so a resume on the same N is exact. On another N t
 uninterrupted run (they would anyway: another rank runs each micro-batch). With lora_dropout=0, N ranks
 match one process step for step.
 
-Not implemented: FSDP2 (`torch.distributed.fsdp.fully_shard`) of the frozen NF4 base, for bases too big for
-one card. fully_shard shards nn.Parameters; our NF4 weight is `weight_packed` (uint8) + `weight_absmax`
-BUFFERS (nf4.Linear4bit), which fully_shard leaves whole on every rank. Sharding it needs the packed bytes
-held as frozen Parameters in a float storage dtype (bitsandbytes' `quant_storage`, its "FSDP-QLoRA" docs:
-FSDP shards float types), viewed back as uint8 for the dequantize, and the CUDA-graph micro-step to cope
-with fully_shard's per-layer all-gathers.
+FSDP2 (--fsdp). For a base too big for one card, `shard_base` applies PyTorch's `fully_shard` to every block
+and to the model: each rank keeps 1/N of the frozen base and all-gathers one block's weights just before it
+runs (forward, recompute, backward), then frees them. What it takes for QLoRA:
+  1. fully_shard shards Parameters and leaves buffers whole on every rank; the NF4 bytes are a buffer. They
+     become a frozen Parameter held in the model's float dtype (nf4.Linear4bit.hold_packed_as_parameter;
+     bitsandbytes' `quant_storage`), so a sharded group is one dtype: one flat all-gather, and no dtype cast
+     can touch the bytes. The per-block statistics (absmax, code) stay replicated buffers: with double
+     quantization they are ~1/32 of the packed bytes.
+  2. The LoRA weights are `ignored_params`: replicated plain tensors as above, summed by the same all_reduce,
+     so the optimizer, clipping, checkpoints and the adapter file do not change with FSDP.
+  3. The loop calls `Transformer.loss`, not `forward`: `register_fsdp_forward_method` gives it the root's
+     hooks (the embeddings, final norm and head are sharded too).
+  4. Every rank must run the same number of forwards, since each one all-gathers: a rank with fewer
+     micro-batches in a step re-runs one at weight 0 (`Ranks.work`). CUDA graphs are off (the all-gathers
+     would be captured).
+The base is loaded and quantized on the GPU one tensor at a time and each quantized layer moved to host
+memory (loading.load_model's `store_device`), so a rank's GPU never holds more than its shard plus a layer.
 """
 import base64
 import logging
@@ -69,9 +80,19 @@ class Ranks:
         """True on the process that writes files (rank 0)."""
         return self.rank == 0
 
+    lockstep = False  # FSDP: every rank must run as many forwards as the others (shard_base sets it)
+
     def shard(self, micro):
         """This rank's micro-batches of a step: r, r+N, ... (spreads a short last step over the ranks)."""
         return micro[self.rank::self.world]
+
+    def work(self, micro):
+        """(batch, weight) pairs this rank runs in a step: its share at weight 1, and in lockstep as many
+        weight-0 re-runs of the step's first micro-batch as it is short of the busiest rank."""
+        mine = [(batch, 1.0) for batch in self.shard(micro)]
+        if self.lockstep:
+            mine += [(micro[0], 0.0)] * (-(-len(micro) // self.world) - len(mine))
+        return mine
 
 
 def setup(device):
@@ -184,3 +205,43 @@ def set_rank_rng(ranks, states, seed, step):
             torch.set_rng_state(state)
         else:
             torch.cuda.set_rng_state(state)
+
+
+def shard_base(ranks, model, trainable, device):
+    """FSDP2: shard the frozen base of `model` over the ranks (see the module docstring); `trainable` (the LoRA
+    parameters) stay whole on every rank, moved to `device`. Returns (bytes of frozen parameters this rank
+    holds, bytes of all of them); (n, n) on one process, where nothing is sharded."""
+    if ranks.world == 1:
+        return base_bytes(model), base_bytes(model)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    from .nf4 import Linear4bit
+
+    storage = next(p.dtype for p in model.parameters() if p.is_floating_point() and not p.requires_grad)
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.hold_packed_as_parameter(storage)
+    mesh = init_device_mesh(device.type, (ranks.world,))
+    ignored = set(trainable)
+    for block in model.model.layers:
+        fully_shard(block, mesh=mesh, ignored_params=ignored)
+    fully_shard(model, mesh=mesh, ignored_params=ignored, reshard_after_forward=False)
+    register_fsdp_forward_method(model, "loss")
+    with torch.no_grad():
+        for p in trainable:
+            p.data = p.data.to(device)
+    ranks.lockstep = True
+    return base_bytes(model, local=True), base_bytes(model)
+
+
+def base_bytes(model, local=False):
+    """Bytes of the frozen parameters: the whole tensors, or with local=True this rank's FSDP shards."""
+    from torch.distributed.tensor import DTensor
+
+    total = 0
+    for p in model.parameters():
+        if not p.requires_grad:
+            t = p.to_local() if local and isinstance(p, DTensor) else p
+            total += t.numel() * t.element_size()
+    return total

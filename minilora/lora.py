@@ -30,6 +30,15 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."  # PeftModelForCausalLM wraps the HF model as base_model.model
 
 
+def _fused(x):
+    """The fused LoRA node runs on CUDA unless the torch reference path is chosen (backend "torch")."""
+    if not x.is_cuda:
+        return False
+    from kernels.backend import resolve_backend
+
+    return resolve_backend("auto", x.device) != "torch"
+
+
 class LoRALinear(nn.Module):
     """A frozen linear `base_layer` plus the trainable low-rank update `lora_B @ lora_A`."""
 
@@ -49,7 +58,7 @@ class LoRALinear(nn.Module):
         self.merged = False
 
     def forward(self, x):
-        if x.is_cuda and not self.merged:  # one autograd node, LoRA accumulated into the base GEMM (kernels/lora.py)
+        if _fused(x) and not self.merged:  # one autograd node, LoRA accumulated into the base GEMM (kernels/lora.py)
             from kernels.lora import lora_linear
 
             mask = None

@@ -257,10 +257,27 @@ class Linear4bit(nn.Module):
         state = quantize_nf4(weight, compress_statistics)
         return cls(state, bias, dtype or weight.dtype, backend)
 
+    def hold_packed_as_parameter(self, storage_dtype: torch.dtype = torch.uint8):
+        """Turn the packed bytes into a frozen Parameter whose elements are `storage_dtype` (same bytes).
+
+        Why: FSDP2's fully_shard shards Parameters and leaves buffers whole on every rank
+        (minilora/distributed.py). A float storage dtype equal to the rest of the model's (bitsandbytes calls it
+        `quant_storage`) makes every parameter of a sharded group one dtype: one flat all-gather, and a
+        mixed-precision cast leaves the bytes alone. Falls back to uint8 when the byte count does not divide.
+        """
+        packed = self.weight_packed.detach()
+        if packed.numel() % torch.empty((), dtype=storage_dtype).element_size() == 0:
+            packed = packed.reshape(-1).view(storage_dtype)
+        del self.weight_packed  # the buffer entry; the Parameter takes its name
+        self.weight_packed = nn.Parameter(packed, requires_grad=False)
+
     @property
     def state(self) -> NF4State:
-        """The NF4State view of the buffers (shares their storage)."""
-        return NF4State(self.weight_packed, self.weight_absmax, self.weight_code,
+        """The NF4State view of the packed bytes and statistics (shares their storage)."""
+        packed = self.weight_packed
+        if packed.dtype != torch.uint8:  # held as a float Parameter for FSDP2 (hold_packed_as_parameter)
+            packed = packed.view(torch.uint8).reshape(-1, 1)
+        return NF4State(packed, self.weight_absmax, self.weight_code,
                         torch.Size((self.out_features, self.in_features)), self.quant_dtype,
                         self.weight_nested_absmax, self.weight_nested_code, self.weight_offset,
                         self.blocksize, self.nested_blocksize)

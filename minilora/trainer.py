@@ -156,15 +156,18 @@ def optimizer_step(model, optimizer, params, micro, lr, config, device, dtype, g
     for group in optimizer.param_groups:
         group["lr"] = lr
     loss_sum = torch.zeros((), device=device)  # summed on the device: one host sync per step, not per micro-batch
-    for batch in ranks.shard(micro):
+    for batch, weight in ranks.work(micro):  # weight 0: an FSDP rank keeping step with busier ones
         batch = _to(batch, device)
         if graphed is not None:
             loss_sum += graphed(batch, 1.0 / n_tokens)
             continue
         with _autocast(device, dtype):
             loss, _ = token_loss_sum(model, batch, config.pack)
-        (loss / n_tokens).backward()
-        loss_sum += loss.detach()
+        if weight:
+            (loss / n_tokens).backward()
+            loss_sum += loss.detach()
+        else:
+            (loss * 0.0).backward()  # the same all-gathers as the other ranks, no gradient
     loss_sum = distributed.sum_over_ranks(ranks, params, loss_sum)  # one all_reduce; nothing on one process
     step_loss = loss_sum.item() / n_tokens
     grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or float("inf")).item()
@@ -366,7 +369,23 @@ def _check_resume(config, state, manifest_base, base_hashes, data_fingerprint):
 # --------------------------------------------------------------------------------------------- train
 
 def train(config: TrainConfig):
-    """Run one training job as `config` says; returns a summary dict. See the module docstring."""
+    """Run one training job as `config` says; returns a summary dict. See the module docstring.
+
+    --backend other than auto is the kernel setting for the whole run (kernels/backend.py): "torch" is the
+    plain PyTorch reference path everywhere (4-bit matmul, norms, RoPE, GLU, cross-entropy, LoRA), restored after.
+    """
+    from kernels.backend import get_backend, set_backend
+
+    previous = get_backend()
+    if config.backend != "auto":
+        set_backend(config.backend)
+    try:
+        return _train(config)
+    finally:
+        set_backend(previous)
+
+
+def _train(config: TrainConfig):
     from .data import BatchOrder, fingerprint, load_records, split_records, tokenize_example, tokenize_records
     from .hub import resolve_model_dir
     from .loading import load_model
@@ -387,7 +406,11 @@ def train(config: TrainConfig):
 
     # 2. model, tokenizer, LoRA
     seed_everything(config.seed)
-    model, tok = load_model(base_dir, dtype=dtype, device=device,
+    fsdp = config.fsdp and ranks.world > 1
+    if config.fsdp and not fsdp:
+        log.info("--fsdp: one process, nothing to shard; the base stays whole")
+    # FSDP: quantize on the GPU, keep the whole base in host memory; fully_shard then moves 1/N to each GPU
+    model, tok = load_model(base_dir, dtype=dtype, device="cpu" if fsdp else device, quantize_device=device,
                             quantize=None if config.quantize == "none" else config.quantize, backend=config.backend)
     train_examples, stats = tokenize_records(train_records, tok, config.max_seq_len, config.overlong)
     test_examples = [ex for r in test_records if (ex := tokenize_example(r, tok, config.max_seq_len, config.overlong))]
@@ -396,6 +419,9 @@ def train(config: TrainConfig):
     apply_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets, config.use_rslora)
     model.gradient_checkpointing = config.gradient_checkpointing
     params = list(lora_parameters(model).values())
+    if fsdp:
+        held, whole = distributed.shard_base(ranks, model, params, device)
+        log.info("FSDP2: rank %d holds %.1f MiB of the %.1f MiB frozen base", ranks.rank, held / 2**20, whole / 2**20)
     optimizer = build_optimizer(config, params)
     log.info("LoRA: %d trainable parameters (%.3f%% of %d)", sum(p.numel() for p in params),
              100 * sum(p.numel() for p in params) / sum(p.numel() for p in model.parameters()),
@@ -450,7 +476,8 @@ def train(config: TrainConfig):
 
     bar = tqdm(total=total_steps, initial=state.step, disable=not (config.progress and ranks.main), dynamic_ncols=True)
     model.train()
-    graphed = GraphedMicroSteps(model, params, config.pack, dtype, tok.pad_id) if config.cuda_graphs and device.type == "cuda" else None
+    use_graphs = config.cuda_graphs and device.type == "cuda" and not fsdp  # FSDP all-gathers cannot be captured
+    graphed = GraphedMicroSteps(model, params, config.pack, dtype, tok.pad_id) if use_graphs else None
     steps = step_batches(order, state, config.grad_accum_steps, None if config.max_steps else config.epochs - 1)
     last_loss = None
     while state.step < total_steps and (micro := next(steps, None)) is not None:
@@ -500,6 +527,8 @@ def train(config: TrainConfig):
         plot_losses(os.path.join(out, "metrics.jsonl"), os.path.join(out, "loss.png"))
     summary = {"steps": state.step, "updates": state.updates, "train_loss": last_loss, "eval_loss": eval_loss,
                "tokens_seen": state.tokens_seen, "adapter": adapter_dir}
+    if fsdp:
+        summary["base_bytes_held"], summary["base_bytes_whole"] = held, whole
     log.info("done: %s", summary)
     distributed.teardown(ranks)  # the others wait here for rank 0's writes
     return summary

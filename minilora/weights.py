@@ -199,13 +199,15 @@ def _quantized_prefix(key, quantized):
     return prefix if prefix in quantized and key != prefix + ".bias" else None
 
 
-def load_weights(model: nn.Module, directory, dtype, device, quantize=None, backend="auto"):
+def load_weights(model: nn.Module, directory, dtype, device, quantize=None, backend="auto", quantize_device=None):
     """Fill the meta-device `model` from the checkpoint in `directory`; returns the model.
 
     quantize="nf4": each block linear is quantized to a `Linear4bit` as its weight arrives (on `device`),
     so the float copy of the whole model never exists. Pre-quantized bitsandbytes 4-bit linears (HF layout:
     `weight` uint8 + `weight.absmax`, `weight.quant_map`, `weight.nested_*`, `weight.quant_state.*`) load as
     `Linear4bit` with quantize="nf4" and are dequantized to `dtype` otherwise.
+    quantize_device: where the quantization runs when it is not `device` (e.g. on the GPU for a model kept in
+    host memory until FSDP2 shards it); each quantized layer is moved to `device` as soon as it is made.
     """
     config = model.config
     key_map = checkpoint_key_map(config, model)
@@ -267,7 +269,7 @@ def load_weights(model: nn.Module, directory, dtype, device, quantize=None, back
                         problems.append(f"{fname}: tensor {key!r} appears more than once")
                         continue
                     filled.add(name)
-                    _place(model, name, part, dtype, device, quantize, backend)
+                    _place(model, name, part, dtype, device, quantize, backend, quantize_device or device)
                 del tensor
     finally:
         for handle in handles:
@@ -322,14 +324,14 @@ def _is_block_linear(name):
     return name.startswith("model.layers.") and name.endswith("_proj.weight")
 
 
-def _place(model, name, tensor, dtype, device, quantize, backend):
+def _place(model, name, tensor, dtype, device, quantize, backend, quantize_device):
     if quantize == "nf4" and _is_block_linear(name):
         from .nf4 import Linear4bit
 
         module_name = name[: -len(".weight")]
         old = model.get_submodule(module_name)
-        _replace_module(model, module_name, Linear4bit.from_weight(tensor.to(device=device, dtype=dtype), old.bias,
-                                                                   backend=backend))
+        module = Linear4bit.from_weight(tensor.to(device=quantize_device, dtype=dtype), old.bias, backend=backend)
+        _replace_module(model, module_name, module.to(device) if quantize_device != device else module)
         return
     set_parameter(model, name, tensor.to(device=device, dtype=dtype).contiguous())
 

@@ -33,6 +33,8 @@ pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_availa
 # ranks draw different dropout masks, so only dropout 0 can match step for step.
 NO_DROPOUT = dict(lora_dropout=0.0, max_steps=4)
 UNEVEN = dict(lora_dropout=0.0, grad_accum_steps=3, max_steps=3)  # 14 rows = 7 batches: steps of 3, 3, 1
+# FSDP2 shards the frozen NF4 base; the uneven steps make the short rank re-run a batch at weight 0
+FSDP = dict(UNEVEN, quantize="nf4", fsdp=True)
 
 
 def _torchrun(args):
@@ -78,7 +80,8 @@ def runs(tmp_path_factory):
     d = str(tmp_path_factory.mktemp("distributed"))
     base, data = regen.write_inputs(d)
     out = {name: os.path.join(d, name) for name in ("one", "one_uneven", "one_then_two", "two_cli", "two_uneven",
-                                                     "two_then_one", "two_dropout", "two_dropout_split")}
+                                                     "two_then_one", "two_dropout", "two_dropout_split",
+                                                     "one_nf4_uneven", "two_fsdp", "two_fsdp_then_one")}
 
     def config(name, **settings):
         return regen.recipe_config(base, data, out[name], **settings)
@@ -86,6 +89,7 @@ def runs(tmp_path_factory):
     train(config("one", **NO_DROPOUT))
     train(config("one_uneven", **UNEVEN))
     train(config("one_then_two", **{**NO_DROPOUT, "max_steps": 2}))
+    train(config("one_nf4_uneven", **{**FSDP, "fsdp": False}))
 
     _torchrun(["train.py", "--model", base, "--data", data, "--out", out["two_cli"], "--quantize", "none",
                "--backend", "torch", "--device", "cpu", "--dtype", "float32", "--lora-r", "8", "--lora-alpha", "16",
@@ -96,12 +100,14 @@ def runs(tmp_path_factory):
     plan = [(out["two_uneven"], UNEVEN), (out["two_then_one"], {**NO_DROPOUT, "max_steps": 2}),
             (out["one_then_two"], {**NO_DROPOUT, "resume": True}),
             (out["two_dropout"], {"max_steps": 4}),  # the recipe's dropout 0.1
-            (out["two_dropout_split"], {"max_steps": 2}), (out["two_dropout_split"], {"max_steps": 4, "resume": True})]
+            (out["two_dropout_split"], {"max_steps": 2}), (out["two_dropout_split"], {"max_steps": 4, "resume": True}),
+            (out["two_fsdp"], FSDP), (out["two_fsdp_then_one"], {**FSDP, "max_steps": 2})]
     with open(os.path.join(d, "plan.json"), "w") as f:
         json.dump({"base": base, "data": data, "runs": plan}, f)
     _torchrun([os.path.abspath(__file__), os.path.join(d, "plan.json")])
 
     train(config("two_then_one", **NO_DROPOUT, resume=True))
+    train(config("two_fsdp_then_one", **{**FSDP, "fsdp": False}, resume=True))
     torch.set_num_threads(before)
     return out
 
@@ -139,6 +145,24 @@ def test_resume_on_the_same_ranks_is_exact_with_dropout(runs):
     assert len(state["rank_rng"]) == 2
 
 
+def test_fsdp_shards_the_nf4_base_and_trains_as_one_process(runs):
+    """FSDP2 (--fsdp): each rank holds half the frozen base (the NF4 bytes as float32 Parameters), and the
+    uneven steps (rank 1 short in each) train exactly as one process with an NF4 base."""
+    _assert_same_training(runs["two_fsdp"], runs["one_nf4_uneven"])
+    for rank in (0, 1):
+        with open(os.path.join(runs["two_fsdp"], f"summary_rank{rank}.json")) as f:
+            summary = json.load(f)
+        held, whole = summary["base_bytes_held"], summary["base_bytes_whole"]
+        # dim-0 chunks: a rank holds ceil(rows / 2) or fewer rows of each tensor
+        assert 0.4 * whole <= held <= 0.55 * whole, (rank, held, whole)
+
+
+def test_fsdp_checkpoint_resumes_on_one_process(runs):
+    """2 steps sharded on 2 ranks, then resumed whole on one process, equal 3 steps on one process."""
+    assert [r["world_size"] for r in _records(runs["two_fsdp_then_one"])] == [2, 2, 1]
+    _assert_same_training(runs["two_fsdp_then_one"], runs["one_nf4_uneven"])
+
+
 def _worker(plan_path):
     """Under torchrun: the plan's runs in order, inside one process group (train() leaves it open)."""
     from minilora.trainer import train
@@ -148,7 +172,9 @@ def _worker(plan_path):
     with open(plan_path) as f:
         plan = json.load(f)
     for out, settings in plan["runs"]:
-        train(regen.recipe_config(plan["base"], plan["data"], out, **settings))
+        summary = train(regen.recipe_config(plan["base"], plan["data"], out, **settings))
+        with open(os.path.join(out, f"summary_rank{dist.get_rank()}.json"), "w") as f:
+            json.dump(summary, f)
     dist.destroy_process_group()
 
 

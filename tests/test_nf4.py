@@ -181,6 +181,23 @@ def test_linear4bit_dequantize_matches_reference():
     assert torch.equal(lin.dequantize(), nf4.dequantize_nf4(nf4.quantize_nf4(w, False), torch.float16))
 
 
+@pytest.mark.parametrize("storage, shape, held_as", [(torch.bfloat16, (24, 40), torch.bfloat16),
+                                                     (torch.float32, (24, 40), torch.float32),
+                                                     (torch.float32, (5, 7), torch.uint8)])  # 18 bytes: not 4 | 18
+def test_packed_bytes_held_as_a_float_parameter(storage, shape, held_as):
+    """FSDP2 storage (distributed.shard_base): the same bytes as a frozen Parameter; same state and outputs."""
+    w = torch.randn(shape)
+    lin = nf4.Linear4bit.from_weight(w, None, backend="torch")
+    before, x = lin.state, torch.randn(3, shape[1])
+    y = lin(x)
+    lin.hold_packed_as_parameter(storage)
+    held = dict(lin.named_parameters())["weight_packed"]
+    assert held.dtype == held_as and not held.requires_grad and "weight_packed" not in dict(lin.named_buffers())
+    assert torch.equal(lin.state.packed, before.packed) and lin.state.packed.shape == before.packed.shape
+    assert torch.equal(lin(x), y)
+    assert torch.equal(nf4.to_hf_state(lin, "p")["p.weight"], before.packed)  # saving writes bitsandbytes' bytes
+
+
 # ---- Hugging Face + bitsandbytes checkpoint layout ----
 
 @pytest.mark.parametrize("compress_statistics", [True, False])
