@@ -124,12 +124,12 @@ def agreement(ours, hf, prompts):
             "max_abs_diff": (a - b).abs().max().item(), "ok": cosine > 0.99}
 
 
-def scoring_lengths(n, scale):
+def scoring_lengths(n, scale, data=DATA):
     """Prompt lengths in tokens like CodeAlpaca's Alpaca prompts (characters / 4), `n` of them."""
     try:
         from minilora.data import format_prompt, load_records
 
-        lengths = [max(8, len(format_prompt(r)) // 4) for r in load_records(DATA, skip_bad_rows=True)]
+        lengths = [max(8, len(format_prompt(r)) // 4) for r in load_records(data, skip_bad_rows=True)]
     except Exception:  # data absent: a plausible spread
         lengths = [40 + (37 * i) % 120 for i in range(2000)]
     return [max(4, int(lengths[i % len(lengths)] * scale)) for i in range(n)]
@@ -178,7 +178,7 @@ def run(args):
         scoring = None
         if kind == "nf4" and args.scoring:
             n, limit, bs = (8, 8, 4) if tiny else (args.scoring, 256, args.scoring_batch)
-            seconds, produced = time_scoring(ours, scoring_lengths(n, 0.25 if tiny else 1.0), limit, bs,
+            seconds, produced = time_scoring(ours, scoring_lengths(n, 0.25 if tiny else 1.0, args.data), limit, bs,
                                              raw["vocab_size"], device)
             scoring = {"prompts": n, "new_tokens": limit, "batch": bs, "seconds": seconds, "tokens": produced}
             print("scoring", json.dumps(scoring), flush=True)
@@ -240,6 +240,7 @@ def main(argv=None):
     parser.add_argument("--no-bf16", action="store_true", help="skip the bf16 rows")
     parser.add_argument("--scoring", type=int, default=2000, help="prompts of the scoring run (0 = skip)")
     parser.add_argument("--scoring-batch", type=int, default=64)
+    parser.add_argument("--data", default=DATA, help="the CodeAlpaca sample whose prompt lengths the scoring run copies")
     parser.add_argument("--workdir", default="/tmp/minilora-bench")
     parser.add_argument("--results", default=os.path.join(HERE, "RESULTS.md"))
     args = parser.parse_args(argv)

@@ -194,7 +194,7 @@ def main_table(args):
     name, peak = card()
     rows = []
     for model_name, batch, seq, ckpt in CASES:
-        if args.only and model_name != args.only:
+        if args.only and model_name not in args.only.split(","):
             continue
         directory = os.path.join(args.workdir, model_name)
         write_random_checkpoint(model_name, directory)
@@ -279,7 +279,7 @@ def main():
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--ckpt", choices=["on", "off"], default="on")
     parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--only")
+    parser.add_argument("--only", help="comma-separated model names of CASES to run")
     parser.add_argument("--max-seq", action="store_true")
     parser.add_argument("--eager", action="store_true", help="also time minilora without CUDA graphs")
     parser.add_argument("--lean", action="store_true", help="also run the lean HF variant (no kbit-training prep)")
