@@ -62,6 +62,8 @@ def run_job(name, gpus, args, workdir, extra=()):
     summary = {"name": name, "gpus": gpus, "steps": len(records), "losses": [r["loss"] for r in records],
                "tokens_per_s": statistics.median(r["tokens_per_s"] for r in timed),
                "peak_gib": max(r["memory_gb"] for r in records)}
+    summary["notes"] = [line.split("INFO minilora.trainer: ")[-1] for line in result.stderr.splitlines()
+                        if "FSDP2: rank" in line or "preflight" in line and "measured" in line]
     print(json.dumps({k: v for k, v in summary.items() if k != "losses"}), flush=True)
     return summary
 
