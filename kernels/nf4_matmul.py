@@ -26,7 +26,6 @@ import triton
 import triton.language as tl
 
 from kernels.nf4_dequant import _absmax, check_state, dequantize_nf4, nested_args
-from kernels.nf4_gemv import MAX_M, gemv_nf4
 from minilora.nf4 import NF4State
 from minilora.nf4 import dequantize_nf4 as dequantize_nf4_reference
 
@@ -111,19 +110,12 @@ def _check_input(x: torch.Tensor, state: NF4State, width: int, who: str) -> None
         raise ValueError(f"{who}: weight shape {list(state.shape)}; expected 2-D (out_features, in_features)")
 
 
-# Decoding kernel: "multirow" = kernels/nf4_gemv.py (one weight pass for up to MAX_M rows, pair-table decode);
-# "legacy" = the per-row kernel above, for M <= SMALL_M. MINILORA_GEMV picks; benchmarks/gemv.py compares them.
-GEMV = os.environ.get("MINILORA_GEMV", "multirow")
-
-
 def matmul_nf4(x: torch.Tensor, state: NF4State) -> torch.Tensor:
     """x (..., K) @ W^T -> (..., N), W an NF4 weight (N, K) dequantized to x's dtype."""
     N, K = state.shape
     _check_input(x, state, K, "matmul_nf4")
     x2 = x.reshape(-1, K)
     M = x2.shape[0]
-    if GEMV != "legacy" and 0 < M <= MAX_M and K % 64 == 0:
-        return gemv_nf4(x2, state, "gather" if GEMV == "gather" else "pair").reshape(*x.shape[:-1], N)
     if M > SMALL_M or K % 64 != 0 or M == 0:
         return F.linear(x, _dequantize_into_buffer(state, x.dtype))
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
