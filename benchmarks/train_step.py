@@ -133,8 +133,9 @@ def worker(args):
         from minilora.config import TrainConfig
         from minilora.trainer import GraphedMicroSteps, optimizer_step
 
-        config = TrainConfig(max_grad_norm=0.3, pack=False)
-        graphed = GraphedMicroSteps(model, params, False, torch.bfloat16, 0) if args.worker == "minilora" else None
+        config = TrainConfig(max_grad_norm=0.3, pack=False, offload_activations=args.offload)
+        graphed = (GraphedMicroSteps(model, params, False, torch.bfloat16, 0)
+                   if args.worker == "minilora" and not args.offload else None)
         batch = {"input_ids": ids, "labels": labels}
 
         def step():
@@ -173,9 +174,9 @@ def linear_params(name):
     return L * (attn + 3 * D * F) + V * D
 
 
-def run_worker(stack, directory, batch, seq, ckpt, steps):
+def run_worker(stack, directory, batch, seq, ckpt, steps, offload=False):
     cmd = [sys.executable, __file__, "--worker", stack, "--dir", directory, "--batch", str(batch), "--seq", str(seq),
-           "--ckpt", "on" if ckpt else "off", "--steps", str(steps)]
+           "--ckpt", "on" if ckpt else "off", "--steps", str(steps)] + (["--offload"] if offload else [])
     out = subprocess.run(cmd, capture_output=True, text=True)
     for line in out.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -224,8 +225,9 @@ def max_sequence(args):
     directory = os.path.join(args.workdir, "llama3.2-3b")
     write_random_checkpoint("llama3.2-3b", directory)
     best, tried = None, []
-    for seq in (8192, 16384, 24576, 32768, 49152, 65536):
-        r = run_worker("minilora", directory, 1, seq, True, 1)
+    lengths = (32768, 49152, 65536, 98304, 131072) if args.offload else (8192, 16384, 24576, 32768, 49152, 65536)
+    for seq in lengths:
+        r = run_worker("minilora", directory, 1, seq, True, 1, args.offload)
         tried.append((seq, r.get("peak_gib"), "error" in r))
         if "error" in r or r["peak_gib"] > 16:
             break
@@ -233,7 +235,7 @@ def max_sequence(args):
     return best, tried
 
 
-def render(name, rows, max_seq, versions):
+def render(name, rows, max_seq, versions, offload=False):
     today = datetime.date.today().isoformat()
     lines = [f"## Training step: minilora vs HF transformers + peft + bitsandbytes ({today})", "",
              f"Card: {name}. {versions}. Command: `python benchmarks/train_step.py`. Random weights at the real "
@@ -265,7 +267,8 @@ def render(name, rows, max_seq, versions):
         lines += ["", "Peak GPU memory while loading + quantizing to NF4: " + "; ".join(loads) + "."]
     if max_seq is not None:
         best, tried = max_seq
-        lines += ["", f"Longest Llama-3.2-3B sequence at batch 1 within 16 GiB (gradient checkpointing on): "
+        how = "gradient checkpointing on" + (", activations offloaded to CPU" if offload else "")
+        lines += ["", f"Longest Llama-3.2-3B sequence at batch 1 within 16 GiB ({how}): "
                   + (f"{best[0]:,} tokens ({best[1]:.1f} GiB, {best[2]:,.0f} tok/s)" if best else "none of the tried lengths")
                   + f". Tried: {', '.join(f'{s}: ' + ('error/OOM' if e else f'{p:.1f} GiB') for s, p, e in tried)}."]
     return "\n".join(lines) + "\n"
@@ -281,6 +284,8 @@ def main():
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--only", help="comma-separated model names of CASES to run")
     parser.add_argument("--max-seq", action="store_true")
+    parser.add_argument("--offload", action="store_true", help="--max-seq with activations offloaded to CPU "
+                        "(the trainer's --offload-activations; eager, no CUDA graphs)")
     parser.add_argument("--eager", action="store_true", help="also time minilora without CUDA graphs")
     parser.add_argument("--lean", action="store_true", help="also run the lean HF variant (no kbit-training prep)")
     parser.add_argument("--no-table", action="store_true")
@@ -301,7 +306,7 @@ def main():
                 f"{transformers.__version__}, peft {peft.__version__}, bitsandbytes {bnb_version}")
     name, rows = main_table(args) if not args.no_table else (card()[0], [])
     max_seq = max_sequence(args) if args.max_seq else None
-    text = render(name, rows, max_seq, versions)
+    text = render(name, rows, max_seq, versions, args.offload)
     print(text)
     with open(args.results, "a") as f:
         f.write("\n" + text)

@@ -217,11 +217,22 @@ def save_checkpoint(root, step, model, optimizer, state, keep_last=2):
     return final
 
 
+PRUNED_MARK = ".pruned-"
+
+
 def _prune(root, keep_last):
-    """Delete complete checkpoints beyond the newest `keep_last` (never the only complete one)."""
+    """Delete complete checkpoints beyond the newest `keep_last` (never the only complete one).
+
+    Each is first renamed out of the step_NNNNNN names (atomic), then deleted: a kill inside the delete leaves
+    a `.pruned-` directory that the next prune removes, never a half-deleted step directory that no later
+    prune would recognise (the crash test found one left behind when its COMPLETE file went first).
+    """
     complete = [p for p in _step_dirs(root) if os.path.isfile(os.path.join(p, COMPLETE))]
     for path in complete[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(path, ignore_errors=True)
+        os.rename(path, f"{path}{PRUNED_MARK}{os.getpid()}")
+    for name in os.listdir(root):
+        if PRUNED_MARK in name:
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
 def _step_dirs(root):

@@ -339,6 +339,8 @@ class TrainConfig(Settings):
     epochs: int = _field(1, "passes over the training split (ignored when --max-steps is set)")
     max_steps: Optional[int] = _field(None, "stop after this many optimizer steps")
     gradient_checkpointing: bool = _field(True, "recompute each block in the backward pass to save memory")
+    offload_activations: bool = _field(False, "keep the activations saved for the backward pass in (pinned) CPU "
+                                              "memory: longer sequences for PCIe traffic; turns CUDA graphs off")
     cuda_graphs: bool = _field(True, "on a GPU, capture each micro-batch's forward+backward as a CUDA graph "
                                      "(one per batch shape) and replay it: removes the CPU launch overhead")
     fsdp: bool = _field(False, "under torchrun, shard the frozen base over the ranks with FSDP2 (fully_shard): "

@@ -161,7 +161,7 @@ def optimizer_step(model, optimizer, params, micro, lr, config, device, dtype, g
         if graphed is not None:
             loss_sum += graphed(batch, 1.0 / n_tokens)
             continue
-        with _autocast(device, dtype):
+        with _autocast(device, dtype), _offload(config, device):
             loss, _ = token_loss_sum(model, batch, config.pack)
         if weight:
             (loss / n_tokens).backward()
@@ -243,6 +243,34 @@ def _autocast(device, dtype):
     if device.type == "cuda" and dtype != torch.float32:
         return torch.autocast("cuda", dtype=dtype)
     return contextlib.nullcontext()
+
+
+class OffloadActivations(torch.autograd.graph.saved_tensors_hooks):
+    """Within this context, activations autograd saves for the backward wait in pinned CPU memory.
+
+    Like torch.autograd.graph.save_on_cpu, but weights (Parameters) and small tensors stay where they are:
+    copying the frozen head or a LoRA matrix out and back every micro-batch would only cost PCIe time. With
+    gradient checkpointing the saved activations are the block inputs, the memory that grows with depth.
+    """
+
+    def __init__(self, min_bytes=1 << 20):
+        def pack(t):
+            if isinstance(t, torch.nn.Parameter) or t.device.type == "cpu" or t.numel() * t.element_size() < min_bytes:
+                return None, t
+            host = torch.empty(t.size(), dtype=t.dtype, pin_memory=True)
+            host.copy_(t, non_blocking=True)
+            return t.device, host
+
+        def unpack(packed):
+            device, t = packed
+            return t if device is None else t.to(device, non_blocking=True)
+
+        super().__init__(pack, unpack)
+
+
+def _offload(config, device):
+    """--offload-activations on a GPU: OffloadActivations; otherwise nothing."""
+    return OffloadActivations() if config.offload_activations and device.type == "cuda" else contextlib.nullcontext()
 
 
 def _to(batch, device):
@@ -476,7 +504,8 @@ def _train(config: TrainConfig):
 
     bar = tqdm(total=total_steps, initial=state.step, disable=not (config.progress and ranks.main), dynamic_ncols=True)
     model.train()
-    use_graphs = config.cuda_graphs and device.type == "cuda" and not fsdp  # FSDP all-gathers cannot be captured
+    # FSDP all-gathers and the offload's host copies are not captured in CUDA graphs
+    use_graphs = config.cuda_graphs and device.type == "cuda" and not fsdp and not config.offload_activations
     graphed = GraphedMicroSteps(model, params, config.pack, dtype, tok.pad_id) if use_graphs else None
     steps = step_batches(order, state, config.grad_accum_steps, None if config.max_steps else config.epochs - 1)
     last_loss = None

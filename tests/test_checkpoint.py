@@ -149,6 +149,30 @@ def test_keep_last_survives_a_failed_save(tmp_path, monkeypatch):
     assert all(ckpt.verify_checkpoint(os.path.join(tmp_path, d)) is None for d in os.listdir(tmp_path))
 
 
+def test_a_kill_inside_pruning_leaves_nothing_behind(tmp_path, monkeypatch):
+    """A prune killed mid-delete (simulated: the delete raises after removing one file) leaves no step
+    directory without its COMPLETE marker; the next save's prune removes the leftover."""
+    model, opt = _trained()
+    for step in (1, 2):
+        _save(tmp_path, step, model, opt)
+    real_rmtree = ckpt.shutil.rmtree
+
+    def killed_rmtree(path, ignore_errors=False):
+        if not os.path.isfile(os.path.join(path, ckpt.COMPLETE)):  # the save's own temp-dir cleanup
+            return real_rmtree(path, ignore_errors=ignore_errors)
+        os.remove(os.path.join(path, ckpt.COMPLETE))  # rmtree's order is the directory's: the marker may go first
+        raise KeyboardInterrupt  # stands in for SIGKILL: nothing after this line runs
+
+    monkeypatch.setattr(ckpt.shutil, "rmtree", killed_rmtree)
+    with pytest.raises(KeyboardInterrupt):
+        _save(tmp_path, 3, model, opt)
+    names = sorted(os.listdir(tmp_path))
+    assert [n for n in names if n.startswith("step_") and n[5:].isdigit()] == ["step_000002", "step_000003"], names
+    monkeypatch.setattr(ckpt.shutil, "rmtree", real_rmtree)
+    _save(tmp_path, 4, model, opt)
+    assert sorted(os.listdir(tmp_path)) == ["step_000003", "step_000004"]
+
+
 def test_non_finite_adapter_is_never_saved(tmp_path):
     """C5: a NaN in the adapter (or the optimizer moments) refuses the save; the previous one stays."""
     model, opt = _trained()
