@@ -316,8 +316,8 @@ def test_cuda_graph_steps_match_eager_steps(inputs, tmp_path, device, pack):
 
 @pytest.mark.gpu
 def test_offloaded_activations_give_the_same_gradients_in_less_gpu_memory(device):
-    """OffloadActivations moves the saved activations to pinned host memory and back: same gradients (the
-    same kernels run on the same values), lower peak GPU memory, weights never copied."""
+    """OffloadActivations moves the saved activations to pinned host memory and back: the same gradients up to
+    fp32 rounding, and a lower peak of GPU memory during the forward."""
     from minilora.trainer import OffloadActivations
 
     torch.manual_seed(0)
@@ -337,7 +337,9 @@ def test_offloaded_activations_give_the_same_gradients_in_less_gpu_memory(device
         results[offload] = (peak_forward, [p.grad.clone() for p in blocks.parameters()])
     (peak_plain, grads_plain), (peak_offload, grads_offload) = results[False], results[True]
     for a, b in zip(grads_plain, grads_offload):
-        assert torch.equal(a, b)
+        # same math; an activation comes back in a fresh allocation, for which cuBLAS may pick another fp32
+        # kernel (measured on an H200: differences in the last bit, ~1e-7 relative)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * a.abs().max().item())
     # kept: 8 activations of 2048 x (1024 or 4096) fp32 (~96 MiB); offloaded: at most the one being copied
     assert peak_offload < 0.5 * peak_plain, (peak_offload, peak_plain)
 
