@@ -31,7 +31,7 @@ from minilora.nf4 import dequantize_nf4 as dequantize_nf4_reference
 
 # Up to this many rows use the fused GEMV. H100 (benchmarks/RESULTS.md): its time grows ~linearly with M
 # (13 us at M=1, 99 us at M=16 for 3072x3072), crossing dequant + cuBLAS (25 us) near M=3.
-SMALL_M = int(os.environ.get("MINILORA_GEMV_MAX_M", "2"))
+SMALL_M = 2
 
 # Autotune space for an H100 80GB at Llama-3.2-3B shapes; the CPU interpreter gets one small config.
 if os.environ.get("TRITON_INTERPRET") == "1":
@@ -85,65 +85,6 @@ def _matmul_nf4_small_m_kernel(x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr,
     tl.store(out_ptr + tl.program_id(1) * stride_om + n, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
 
 
-@triton.jit
-def _matmul_nf4_splitk_kernel(x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
-                              code_ptr, partial_ptr, N, K, stride_xm, SPLITS,
-                              NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
-                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    # The loop of the kernel above, one iteration per program: (N / BLOCK_N) x (K / BLOCK_K) x M programs, so
-    # every load of the weight is in flight at once instead of one K-step after another (a decode GEMV is
-    # bound by load latency, not by the card's bandwidth); partial sums go to partial[m, split, n].
-    GROUPS: tl.constexpr = BLOCK_K // 64
-    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    split, m = tl.program_id(1), tl.program_id(2)
-    group = split * GROUPS + tl.arange(0, GROUPS)
-    i = tl.arange(0, 32)
-    n_mask, g_mask = n < N, group < K // 64
-    byte = n[:, None, None] * (K // 2) + group[None, :, None] * 32 + i[None, None, :]
-    q = tl.load(packed_ptr + byte, mask=n_mask[:, None, None] & g_mask[None, :, None], other=0).to(tl.int32)
-    scale = _absmax(n[:, None] * (K // 64) + group[None, :], n_mask[:, None] & g_mask[None, :],
-                    absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, NESTED, NESTED_BLOCKSIZE)
-    column = group[:, None] * 64 + tl.arange(0, 64)[None, :]
-    x_tile = tl.load(x_ptr + m * stride_xm + column, mask=g_mask[:, None], other=0.0).to(tl.float32)
-    x_even, x_odd = tl.split(tl.reshape(x_tile, (GROUPS, 32, 2)))
-    high = tl.load(code_ptr + (q >> 4))
-    low = tl.load(code_ptr + (q & 15))
-    per_group = tl.sum(high * x_even[None, :, :] + low * x_odd[None, :, :], axis=2)
-    acc = tl.sum(per_group * scale, axis=1)
-    tl.store(partial_ptr + (m * SPLITS + split) * N + n, acc, mask=n_mask)
-
-
-@triton.jit
-def _sum_splits_kernel(partial_ptr, out_ptr, N, stride_om, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
-    """out[m, n] = sum over splits of partial[m, split, n], in a fixed order (deterministic), cast once."""
-    n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    m = tl.program_id(1)
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for split in tl.static_range(SPLITS):
-        acc += tl.load(partial_ptr + (m * SPLITS + split) * N + n, mask=n < N, other=0.0)
-    tl.store(out_ptr + m * stride_om + n, acc.to(out_ptr.dtype.element_ty), mask=n < N)
-
-
-# Split-K tile (BLOCK_N, BLOCK_K, num_warps); MINILORA_GEMV_TILE="8,512,4" overrides (benchmarks/gemv.py).
-SPLITK_TILE = tuple(int(v) for v in os.environ.get("MINILORA_GEMV_TILE", "8,512,4").split(","))
-GEMV = os.environ.get("MINILORA_GEMV", "loop")  # "loop" (the autotuned kernel above) or "splitk"
-
-
-def _gemv_splitk(x2: torch.Tensor, state: NF4State, tile=None) -> torch.Tensor:
-    M, K = x2.shape
-    N = state.shape[0]
-    block_n, block_k, warps = tile or SPLITK_TILE
-    splits = triton.cdiv(K, block_k)
-    partial = torch.empty((M, splits, N), dtype=torch.float32, device=x2.device)
-    _matmul_nf4_splitk_kernel[(triton.cdiv(N, block_n), splits, M)](
-        x2, state.packed, *nested_args(state), state.code, partial, N, K, x2.stride(0), splits,
-        NESTED=state.nested, NESTED_BLOCKSIZE=state.nested_blocksize, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=warps)
-    out = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
-    _sum_splits_kernel[(triton.cdiv(N, 1024), M)](partial, out, N, out.stride(0), SPLITS=splits, BLOCK=1024)
-    return out
-
-
 _buffers: dict[tuple, torch.Tensor] = {}
 
 
@@ -177,8 +118,6 @@ def matmul_nf4(x: torch.Tensor, state: NF4State) -> torch.Tensor:
     M = x2.shape[0]
     if M > SMALL_M or K % 64 != 0 or M == 0:
         return F.linear(x, _dequantize_into_buffer(state, x.dtype))
-    if GEMV == "splitk":
-        return _gemv_splitk(x2, state).reshape(*x.shape[:-1], N)
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), M)  # noqa: E731
     _matmul_nf4_small_m_kernel[grid](x2, state.packed, *nested_args(state), state.code, out, N, K,
