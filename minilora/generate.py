@@ -3,8 +3,9 @@
 The shape of pytorch-labs/gpt-fast's generate.py: prefill the prompt once, then decode one token at a time
 into a cache whose tensors never change shape, so on a GPU the decode step is captured once as a CUDA graph
 and replayed (no Python or kernel-launch overhead per layer); `compile=True` also runs the step through
-torch.compile inside the graph, fusing its element-wise kernels (measured on an H200 at Llama-3.2-3B shape,
-NF4: 3,599 -> 5,593 tok/s at batch 8, 759 -> 783 at batch 1; it costs 10-40 s of compiling per shape).
+torch.compile inside the graph, fusing its element-wise kernels (benchmarks/RESULTS.md, H200, Llama-3.2-3B
+shape, NF4, a new decoder per call: 214 -> 261 tok/s at batch 1, 1,089 -> 1,054 at batch 8; it costs 10-40 s of
+compiling per shape). Reuse a decoder (`make_decoder`, as evaluate.py does) to skip the capture per call.
 Greedy output is checked against transformers' `generate` and batched output against one-prompt-at-a-time
 output in tests/test_generate.py.
 
