@@ -437,6 +437,8 @@ def _train(config: TrainConfig):
     fsdp = config.fsdp and ranks.world > 1
     if config.fsdp and not fsdp:
         log.info("--fsdp: one process, nothing to shard; the base stays whole")
+    if config.offload_activations and device.type != "cuda":
+        log.info("--offload-activations: on %s the activations are in host memory already; nothing to move", device)
     # FSDP: quantize on the GPU, keep the whole base in host memory; fully_shard then moves 1/N to each GPU
     model, tok = load_model(base_dir, dtype=dtype, device="cpu" if fsdp else device, quantize_device=device,
                             quantize=None if config.quantize == "none" else config.quantize, backend=config.backend)
