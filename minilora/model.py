@@ -29,8 +29,10 @@ from .config import ModelConfig, RopeConfig
 
 
 def use_triton(x):
-    """True when `x` should go through the Triton training kernels: on CUDA, unless the backend is "torch"."""
-    if not x.is_cuda:
+    """True when `x` should go through the Triton training kernels: on CUDA, unless the backend is "torch" or
+    torch.compile is tracing (it fuses the plain torch ops with their neighbours, which it cannot do across
+    our kernels; generate.py's compiled decode step)."""
+    if not x.is_cuda or torch.compiler.is_compiling():
         return False
     from kernels.backend import resolve_backend
 
