@@ -54,7 +54,8 @@ runs (forward, recompute, backward), then frees them. What it takes for QLoRA:
      micro-batches in a step re-runs one at weight 0 (`Ranks.work`). CUDA graphs are off (the all-gathers
      would be captured).
 The base is loaded and quantized on the GPU one tensor at a time and each quantized layer moved to host
-memory (`load_model(..., quantize_device=)`), so a rank's GPU never holds more than its shard plus a layer.
+memory (`load_model(..., quantize_device=)`): while loading, a rank's GPU holds one layer's float weight
+and its quantization at a time (by construction; the loading peak was not measured separately on GPUs).
 """
 import base64
 import logging
