@@ -23,7 +23,7 @@ SHAPES = [(3072, 3072), (1024, 3072), (8192, 3072), (3072, 8192)]  # (N, K)
 LAYERS = 28
 
 
-def graph_time(fn, xs):
+def graph_time(fn):
     """Microseconds per call of fn(i) over i in range(LAYERS), captured in one CUDA graph."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -67,8 +67,8 @@ def main():
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
             ref = F.linear(x.double(), dequantize_nf4(states[0], torch.float64))
             assert (mm.matmul_nf4(x, states[0]).double() - ref).abs().max() <= 2e-2 * ref.abs().max()
-            bf = graph_time(lambda i: F.linear(x, dense[i]), x)
-            nf = graph_time(lambda i: mm.matmul_nf4(x, states[i]), x)
+            bf = graph_time(lambda i: F.linear(x, dense[i]))
+            nf = graph_time(lambda i: mm.matmul_nf4(x, states[i]))
             lines.append(f"| {N} × {K} | {M} | {bf:.1f} | {nf:.1f} | {nbytes / (nf * 1e-6) / 1e9:,.0f} | {bf / nf:.2f}× |")
             print(lines[-1], flush=True)
     table = "\n".join(lines) + "\n"
