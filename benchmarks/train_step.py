@@ -67,7 +67,7 @@ def batch_of(vocab, batch, seq, seed):
     return ids, labels
 
 
-def minilora_stack(directory, ckpt):
+def minilora_stack(directory, ckpt, uncheckpointed=0):
     from minilora import load_model
     from minilora.lora import apply_lora
 
@@ -75,7 +75,7 @@ def minilora_stack(directory, ckpt):
     model, _ = load_model(directory, dtype=torch.bfloat16, device="cuda", quantize="nf4")
     load_peak = torch.cuda.max_memory_allocated()
     apply_lora(model, r=16, alpha=16, dropout=0.0, targets=TARGETS, dtype=torch.float32)
-    model.gradient_checkpointing = ckpt
+    model.gradient_checkpointing, model.uncheckpointed_blocks = ckpt, uncheckpointed
     model.train()
 
     def loss_fn(ids, labels):
@@ -119,8 +119,9 @@ def worker(args):
     """Time one stack. minilora runs the trainer's own step (minilora.trainer.optimizer_step: token-normalised
     loss, clip, fused AdamW, NaN guard with its host syncs), with CUDA-graph micro-steps ("minilora", the
     train.py default on a GPU) or eagerly ("minilora-eager")."""
-    stack = {"minilora": minilora_stack, "minilora-eager": minilora_stack, "hf": hf_stack,
-             "hf-lean": lambda d, c: hf_stack(d, c, recipe=False)}[args.worker]
+    kept = args.uncheckpointed_blocks
+    stack = {"minilora": lambda d, c: minilora_stack(d, c, kept), "minilora-eager": lambda d, c: minilora_stack(d, c, kept),
+             "hf": hf_stack, "hf-lean": lambda d, c: hf_stack(d, c, recipe=False)}[args.worker]
     model, loss_fn, load_peak = stack(args.dir, args.ckpt == "on")
     vocab = model.config.vocab_size
     params = [p for p in model.parameters() if p.requires_grad]
@@ -174,9 +175,10 @@ def linear_params(name):
     return L * (attn + 3 * D * F) + V * D
 
 
-def run_worker(stack, directory, batch, seq, ckpt, steps, offload=False):
+def run_worker(stack, directory, batch, seq, ckpt, steps, offload=False, uncheckpointed=0):
     cmd = [sys.executable, __file__, "--worker", stack, "--dir", directory, "--batch", str(batch), "--seq", str(seq),
-           "--ckpt", "on" if ckpt else "off", "--steps", str(steps)] + (["--offload"] if offload else [])
+           "--ckpt", "on" if ckpt else "off", "--steps", str(steps), "--uncheckpointed-blocks", str(uncheckpointed)]
+    cmd += ["--offload"] if offload else []
     out = subprocess.run(cmd, capture_output=True, text=True)
     for line in out.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -195,29 +197,38 @@ def main_table(args):
     name, peak = card()
     rows = []
     for model_name, batch, seq, ckpt in CASES:
-        if args.only and model_name not in args.only.split(","):
+        if args.only and not {model_name, f"{model_name}@{batch}x{seq}"} & set(args.only.split(",")):
             continue
         directory = os.path.join(args.workdir, model_name)
         write_random_checkpoint(model_name, directory)
-        ours = run_worker("minilora", directory, batch, seq, ckpt, args.steps)
-        graphed = run_worker("minilora-eager", directory, batch, seq, ckpt, args.steps) if args.eager else {"error": "not run"}
         hf = run_worker("hf", directory, batch, seq, ckpt, args.steps)
         lean = run_worker("hf-lean", directory, batch, seq, ckpt, args.steps) if args.lean else {"error": "not run"}
-        row = dict(model=model_name, batch=batch, seq=seq, ckpt=ckpt, minilora=ours, hf=hf, hf_lean=lean, graph=graphed)
-        if "error" not in ours and "error" not in hf:
-            row["loss_agree"] = abs(ours["first_loss"] - hf["first_loss"]) <= 0.02 * abs(hf["first_loss"])
-            row["speedup"] = ours["tokens_per_s"] / hf["tokens_per_s"]
-            row["memory_ratio"] = ours["peak_gib"] / hf["peak_gib"]
-            row["mfu"] = ours["tokens_per_s"] * 4 * linear_params(model_name) / peak
-            row["mfu_hf"] = hf["tokens_per_s"] * 4 * linear_params(model_name) / peak
-            if "error" not in graphed:
-                row["speedup_graph"] = graphed["tokens_per_s"] / hf["tokens_per_s"]
-            if "error" not in lean:
-                row["speedup_lean"] = ours["tokens_per_s"] / lean["tokens_per_s"]
-                row["memory_ratio_lean"] = ours["peak_gib"] / lean["peak_gib"]
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        for kept in [int(n) for n in args.uncheckpointed.split(",")] if ckpt else [0]:
+            rows.append(_row(args, model_name, directory, batch, seq, ckpt, kept, hf, lean, peak))
+            print(json.dumps(rows[-1]), flush=True)
     return name, rows
+
+
+def _row(args, model_name, directory, batch, seq, ckpt, kept, hf, lean, peak):
+    """minilora timed against the HF runs of the same case (`kept`: blocks left out of checkpointing)."""
+    ours = run_worker("minilora", directory, batch, seq, ckpt, args.steps, uncheckpointed=kept)
+    graphed = (run_worker("minilora-eager", directory, batch, seq, ckpt, args.steps, uncheckpointed=kept)
+               if args.eager else {"error": "not run"})
+    row = dict(model=model_name, batch=batch, seq=seq, ckpt=ckpt, kept=kept, minilora=ours, hf=hf, hf_lean=lean,
+               graph=graphed)
+    if "error" in ours or "error" in hf:
+        return row
+    row["loss_agree"] = abs(ours["first_loss"] - hf["first_loss"]) <= 0.02 * abs(hf["first_loss"])
+    row["speedup"] = ours["tokens_per_s"] / hf["tokens_per_s"]
+    row["memory_ratio"] = ours["peak_gib"] / hf["peak_gib"]
+    row["mfu"] = ours["tokens_per_s"] * 4 * linear_params(model_name) / peak
+    row["mfu_hf"] = hf["tokens_per_s"] * 4 * linear_params(model_name) / peak
+    if "error" not in graphed:
+        row["speedup_graph"] = graphed["tokens_per_s"] / hf["tokens_per_s"]
+    if "error" not in lean:
+        row["speedup_lean"] = ours["tokens_per_s"] / lean["tokens_per_s"]
+        row["memory_ratio_lean"] = ours["peak_gib"] / lean["peak_gib"]
+    return row
 
 
 def max_sequence(args):
@@ -249,10 +260,11 @@ def render(name, rows, max_seq, versions, offload=False):
              "|---|---|---|---:|---:|---:|---:|---:|---:|---|---|---|---|---|"]
     for r in rows:
         o, h, le = r["minilora"], r["hf"], r["hf_lean"]
+        ckpt = "off" if not r["ckpt"] else "on" if not r.get("kept") else f"on, last {r['kept']} blocks not"
         if "speedup" not in r:
-            lines.append(f"| {r['model']} | {r['batch']} × {r['seq']} | {'on' if r['ckpt'] else 'off'} | error | error | | | | | | | | | |")
+            lines.append(f"| {r['model']} | {r['batch']} × {r['seq']} | {ckpt} | error | error | | | | | | | | | |")
             continue
-        lines.append(f"| {r['model']} | {r['batch']} × {r['seq']} | {'on' if r['ckpt'] else 'off'} | "
+        lines.append(f"| {r['model']} | {r['batch']} × {r['seq']} | {ckpt} | "
                      f"{o['tokens_per_s']:,.0f} | {h['tokens_per_s']:,.0f} | {r['speedup']:.2f}× | {o['peak_gib']:.1f} | "
                      f"{h['peak_gib']:.1f} | {r['memory_ratio']:.2f} | "
                      + (f"{le['tokens_per_s']:,.0f}, {le['peak_gib']:.1f} | {r['speedup_lean']:.2f}×, {r['memory_ratio_lean']:.2f} | "
@@ -262,7 +274,7 @@ def render(name, rows, max_seq, versions, offload=False):
                      + f"{100 * r['mfu']:.0f}% / {100 * r['mfu_hf']:.0f}% | "
                      f"{'yes' if r['loss_agree'] else 'NO'} ({o['first_loss']:.3f} vs {h['first_loss']:.3f}) |")
     loads = [f"{r['model']}: {r['minilora']['load_peak_gib']:.2f} GiB (HF {r['hf']['load_peak_gib']:.2f})"
-             for r in rows if "speedup" in r and r["ckpt"] and r["batch"] == 8]
+             for r in rows if "speedup" in r and r["ckpt"] and r["batch"] == 8 and not r["kept"]]
     if loads:
         lines += ["", "Peak GPU memory while loading + quantizing to NF4: " + "; ".join(loads) + "."]
     if max_seq is not None:
@@ -282,12 +294,15 @@ def main():
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--ckpt", choices=["on", "off"], default="on")
     parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--only", help="comma-separated model names of CASES to run")
+    parser.add_argument("--only", help="comma-separated CASES to run: model names, or name@BATCHxSEQ")
     parser.add_argument("--max-seq", action="store_true")
     parser.add_argument("--offload", action="store_true", help="--max-seq with activations offloaded to CPU "
                         "(the trainer's --offload-activations; eager, no CUDA graphs)")
     parser.add_argument("--eager", action="store_true", help="also time minilora without CUDA graphs")
     parser.add_argument("--lean", action="store_true", help="also run the lean HF variant (no kbit-training prep)")
+    parser.add_argument("--uncheckpointed", default="0", help="comma-separated numbers of last blocks left out of "
+                        "gradient checkpointing (model.uncheckpointed_blocks), one minilora row each")
+    parser.add_argument("--uncheckpointed-blocks", type=int, default=0, help=argparse.SUPPRESS)  # worker
     parser.add_argument("--no-table", action="store_true")
     parser.add_argument("--workdir", default="/tmp/minilora-bench")
     parser.add_argument("--results", default=os.path.join(HERE, "RESULTS.md"))

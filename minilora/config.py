@@ -339,6 +339,8 @@ class TrainConfig(Settings):
     epochs: int = _field(1, "passes over the training split (ignored when --max-steps is set)")
     max_steps: Optional[int] = _field(None, "stop after this many optimizer steps")
     gradient_checkpointing: bool = _field(True, "recompute each block in the backward pass to save memory")
+    uncheckpointed_blocks: int = _field(0, "with gradient checkpointing, the last N blocks keep their activations "
+                                           "instead of recomputing them: faster, one block's activations each")
     offload_activations: bool = _field(False, "keep the activations saved for the backward pass in (pinned) CPU "
                                               "memory: longer sequences for PCIe traffic; turns CUDA graphs off")
     cuda_graphs: bool = _field(True, "on a GPU, capture each micro-batch's forward+backward as a CUDA graph "
@@ -368,7 +370,7 @@ class TrainConfig(Settings):
         need = self.need
         for name in ("lora_r", "micro_batch_size", "grad_accum_steps", "epochs", "keep_last", "max_nonfinite_steps"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "an integer >= 1")
-        for name in ("warmup_steps", "eval_every", "save_every", "eval_examples"):
+        for name in ("warmup_steps", "eval_every", "save_every", "eval_examples", "uncheckpointed_blocks"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 0, name, "an integer >= 0")
         need(self.max_steps is None or (isinstance(self.max_steps, int) and self.max_steps >= 1), "max_steps", "an integer >= 1")
         need(self.max_seq_len >= 2, "max_seq_len", "at least 2 tokens")

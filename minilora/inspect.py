@@ -207,14 +207,16 @@ def _block_activations(c, i, lora, r, dropout, B, T, reg, grad_in):
     return parts, grad
 
 
-def estimate_activations(c, lora, r, dropout, B, T, reg):
+def estimate_activations(c, lora, r, dropout, B, T, reg, uncheckpointed=0):
     """Bytes autograd keeps for backward in one training step, from the config.
 
     lora: {targeted linear leaf name: its output width}. Returns "blocks" (per block, bytes by part,
     without the block's input), "inputs" (block inputs kept by a norm, and the RoPE tables), "head",
     "total"; and "checkpointed": the peak with block-level gradient checkpointing (model.py), where the
     forward keeps only each block's inputs (x, RoPE tables, masks) and the head, and the backward
-    recomputes one block at a time: kept + head + the largest block.
+    recomputes one block at a time: kept + head + the largest block. With the last `uncheckpointed` blocks
+    left out of checkpointing (model.uncheckpointed_blocks), their activations are also kept until the
+    backward has passed them, before the first recomputation: kept + head + max(theirs, largest of the rest).
     """
     N, a, D, V = B * T, reg.act, c.hidden_size, c.vocab_size
     blocks, inputs, grad = [], 0, False  # the frozen embedding's output needs no gradient
@@ -241,13 +243,19 @@ def estimate_activations(c, lora, r, dropout, B, T, reg):
     # checkpointing keeps every block's input x (B, T, D), the RoPE tables and each (B, 1, T, T) bool mask
     masks = len({w for w in c.layer_windows if w is not None}) * B * T * T if c.layer_windows else 0
     kept = c.num_hidden_layers * N * D * a + tables + masks
-    largest = max(sum(b.values()) for b in blocks)
+    sizes = [sum(b.values()) for b in blocks]
+    split = len(sizes) - min(uncheckpointed, len(sizes))
+    largest = max(sizes[:split], default=0)
+    # with no block checkpointed (split 0) it is the plain step
+    checkpointed = kept + head + max(largest, sum(sizes[split:])) if split else total
     return {"blocks": blocks, "inputs": inputs, "head": head, "total": total,
-            "checkpointed": kept + head + largest, "checkpoint_kept": kept, "largest_block": largest}
+            "checkpointed": checkpointed, "checkpoint_kept": kept,
+            "largest_block": max(sizes)}
 
 
-def estimate_memory(model, r, dropout, batch, seq_len, dtype, device):
-    """The memory of one QLoRA training step, by component, in bytes (see the module docstring)."""
+def estimate_memory(model, r, dropout, batch, seq_len, dtype, device, uncheckpointed=0):
+    """The memory of one QLoRA training step, by component, in bytes (see the module docstring);
+    `uncheckpointed`: blocks left out of gradient checkpointing (the last ones)."""
     c = model.config
     reg, w = Regime.of(device, dtype), torch.empty(0, dtype=dtype).element_size()
     from .lora import lora_modules
@@ -264,7 +272,7 @@ def estimate_memory(model, r, dropout, batch, seq_len, dtype, device):
     modules = lora_modules(model)
     lora_numel = sum(m.lora_A.numel() + m.lora_B.numel() for m in modules.values())
     lora = {name.rsplit(".", 1)[-1]: m.out_features for name, m in modules.items()}
-    acts = estimate_activations(c, lora, r, dropout, batch, seq_len, reg)
+    acts = estimate_activations(c, lora, r, dropout, batch, seq_len, reg, uncheckpointed)
     return {
         "nf4_packed": packed, "nf4_stats": stats, "float_weights": floats,
         "lora_weights": 4 * lora_numel,  # LoRA weights in fp32 (QLoRA: fp32 adapters over a bf16 base)

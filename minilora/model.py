@@ -212,6 +212,10 @@ class Transformer(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.gradient_checkpointing = False
+        # With checkpointing on, the last `uncheckpointed_blocks` blocks keep their activations instead of
+        # recomputing them: each costs one block's activations and saves one block's recomputation. The last
+        # ones, because the backward frees them before the first recomputation needs memory.
+        self.uncheckpointed_blocks = 0
         self.reset_rope()
 
     def reset_rope(self, device=None):
@@ -261,12 +265,15 @@ class Transformer(nn.Module):
         if c.local_rope is not None:
             rope_tables["local"] = rope_cos_sin(self.inv_freq_local, positions, x.dtype)
         masks = {}
+        checkpointed = 0  # blocks run under torch.utils.checkpoint: the first ones
+        if self.gradient_checkpointing and self.training:
+            checkpointed = len(self.model.layers) - self.uncheckpointed_blocks
         for i, layer in enumerate(self.model.layers):
             window = c.layer_windows[i]
             if window not in masks:
                 masks[window] = build_mask(positions, segments_q, window, cache)
             cos, sin = rope_tables["local" if (c.local_rope is not None and window is not None) else "global"]
-            if self.gradient_checkpointing and self.training:
+            if i < checkpointed:
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, masks[window], cache, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, masks[window], cache)

@@ -91,7 +91,7 @@ def estimate_step_memory(config, model, B, T, device, dtype):
     from .inspect import count_parameters, estimate_memory, meta_model
 
     meta = meta_model(model.config, config.lora_r, config.lora_alpha, config.lora_targets, config.lora_dropout)
-    est = estimate_memory(meta, config.lora_r, config.lora_dropout, B, T, dtype, device)
+    est = estimate_memory(meta, config.lora_r, config.lora_dropout, B, T, dtype, device, config.uncheckpointed_blocks)
     if config.quantize == "none":  # inspect assumes the QLoRA layout: block linears in NF4
         est["float_weights"] += count_parameters(meta)["quantized"] * torch.empty(0, dtype=dtype).element_size()
         est["nf4_packed"] = est["nf4_stats"] = 0

@@ -448,6 +448,7 @@ def _train(config: TrainConfig):
     log.info("data: %d train / %d test records; train tokenization: %s", len(train_records), len(test_records), stats)
     apply_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets, config.use_rslora)
     model.gradient_checkpointing = config.gradient_checkpointing
+    model.uncheckpointed_blocks = min(config.uncheckpointed_blocks, model.config.num_hidden_layers)
     params = list(lora_parameters(model).values())
     if fsdp:
         held, whole = distributed.shard_base(ranks, model, params, device)

@@ -283,3 +283,43 @@ def test_peft_adapter_on_phi3_fused_layers(checkpoints, tmp_path):
     # the memory estimate is for our split layers: q, k, v, gate, up each get their own A
     split = ins.meta_model(load_config(directory), 4, 8, ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"))
     assert rep["parameters"]["lora"] == ins.count_parameters(split)["lora"]
+
+
+def test_uncheckpointed_blocks_keep_their_activations_and_change_no_gradient(checkpoints):
+    """model.uncheckpointed_blocks = n: the last n blocks keep exactly their activations (the no-checkpointing
+    bytes of those blocks), every gradient is unchanged, and the estimate's peak follows."""
+    directory, _ = checkpoints["llama"]
+    config = load_config(directory)
+    L, B, T, r = config.num_hidden_layers, 2, 12, 4
+    model, _ = load_model(directory, quantize="nf4")
+    apply_lora(model, r, 8, 0.0, ALL)
+    for m in model.modules():  # B starts at zero; random values make every gradient non-trivial
+        if hasattr(m, "lora_B"):
+            torch.nn.init.normal_(m.lora_B, std=0.1)
+    model.train()
+    ids = torch.randint(0, config.vocab_size, (B, T), generator=torch.Generator().manual_seed(3))
+    batch = {"input_ids": ids, "labels": torch.cat([ids[:, 1:], torch.full((B, 1), -100)], 1)}
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def run(checkpointing, n):
+        model.gradient_checkpointing, model.uncheckpointed_blocks = checkpointing, n
+        model.zero_grad(set_to_none=True)
+        saved, loss = _saved_bytes(model, batch)
+        loss.backward()
+        return saved, [p.grad.clone() for p in params]
+
+    everything, reference = run(False, 0)
+    blocks = [sum(b.values()) for b in
+              ins.estimate_memory(ins.meta_model(config, r, 8, ALL), r, 0.0, B, T, torch.float32, CPU)
+              ["activation_detail"]["blocks"]]
+    kept, _ = run(True, 0)
+    for n in range(1, L + 1):
+        saved, grads = run(True, n)
+        for p, g, want in zip(params, grads, reference):
+            torch.testing.assert_close(g, want, rtol=1e-5, atol=1e-6)
+        est = ins.estimate_memory(ins.meta_model(config, r, 8, ALL), r, 0.0, B, T, torch.float32, CPU, n)
+        if n == L:  # nothing checkpointed: exactly the plain step (the first block's input is then not kept)
+            assert saved == everything == est["activations_checkpointed"] == est["activations"]
+            continue
+        assert saved == kept + sum(blocks[L - n:]), n
+        assert est["activations_checkpointed"] == kept + max(sum(blocks[L - n:]), max(blocks[:L - n]))
