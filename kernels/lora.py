@@ -39,7 +39,7 @@ def lora_linear_torch(x, base, lora_A, lora_B, scaling, dropout_mask=None, dropo
 
 class _LoRALinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, lora_A, lora_B, base, scaling, dropout_mask, dropout_p):
+    def forward(ctx, x, lora_A, lora_B, base, scaling, dropout_mask, dropout_p, output):
         # Under autocast every matmul here would run in the autocast dtype anyway; casting once up front lets
         # the ops below run with plain dtypes (no per-op autocast casts, no context-manager overhead).
         dtype = torch.get_autocast_dtype("cuda") if x.is_cuda and torch.is_autocast_enabled("cuda") else x.dtype
@@ -47,11 +47,14 @@ class _LoRALinear(torch.autograd.Function):
         x2 = x.reshape(-1, shape[-1]).to(dtype)
         a, b = lora_A.to(dtype), lora_B.to(dtype)
         u = x2 if dropout_mask is None else x2 * dropout_mask.reshape(x2.shape).to(dtype) / (1 - dropout_p)
-        y = torch.mm(x2, _base_weight(base, dtype).t())
         xa = torch.mm(u, a.t())
-        y.addmm_(xa, b.t(), alpha=scaling)
-        if base.bias is not None:
-            y += base.bias.to(dtype)
+        if output:
+            y = torch.mm(x2, _base_weight(base, dtype).t())
+            y.addmm_(xa, b.t(), alpha=scaling)
+            if base.bias is not None:
+                y += base.bias.to(dtype)
+        else:  # a recomputation that only needs what is saved for backward (u, xa): no base GEMM
+            y = x2.new_empty(x2.shape[0], b.shape[0])
         ctx.save_for_backward(u, xa, a, b, dropout_mask)
         ctx.base, ctx.scaling, ctx.dropout_p, ctx.dtypes = base, scaling, dropout_p, (x_dtype, lora_A.dtype, lora_B.dtype)
         return y.view(*shape[:-1], y.shape[-1])
@@ -72,12 +75,14 @@ class _LoRALinear(torch.autograd.Function):
             else:
                 grad_x += torch.mm(dxa, a) * mask.reshape(grad_x.shape).to(u.dtype) / (1 - ctx.dropout_p)
             grad_x = grad_x.view(*grad_y.shape[:-1], grad_x.shape[-1]).to(x_dtype)
-        return grad_x, grad_A.to(a_dtype), grad_B.to(b_dtype), None, None, None, None
+        return grad_x, grad_A.to(a_dtype), grad_B.to(b_dtype), None, None, None, None, None
 
 
-def lora_linear(x, base, lora_A, lora_B, scaling, dropout_mask=None, dropout_p=0.0):
+def lora_linear(x, base, lora_A, lora_B, scaling, dropout_mask=None, dropout_p=0.0, output=True):
     """Fused base(x) + s * (dropout(x) @ A^T) @ B^T. `base` is a frozen nn.Linear or minilora Linear4bit;
-    `dropout_mask` (x's shape, bool) or None. Under CUDA autocast everything runs in the autocast dtype."""
+    `dropout_mask` (x's shape, bool) or None. Under CUDA autocast everything runs in the autocast dtype.
+    output=False returns an uninitialised tensor of the output's shape and skips the base GEMM, for a
+    gradient-checkpoint recomputation whose output is discarded: the backward is unchanged."""
     if x.shape[-1] != lora_A.shape[1] or lora_B.shape[1] != lora_A.shape[0]:
         raise ValueError(f"lora_linear: x (..., {x.shape[-1]}), lora_A {tuple(lora_A.shape)}, lora_B "
                          f"{tuple(lora_B.shape)} do not chain (need A (r, K), B (N, r), x (..., K))")
@@ -85,4 +90,4 @@ def lora_linear(x, base, lora_A, lora_B, scaling, dropout_mask=None, dropout_p=0
         raise ValueError(f"lora_linear: dropout_mask {tuple(dropout_mask.shape)} must have x's shape {tuple(x.shape)}")
     if not 0 <= dropout_p < 1:
         raise ValueError(f"lora_linear: dropout_p={dropout_p}, expected 0 <= p < 1")
-    return _LoRALinear.apply(x, lora_A, lora_B, base, scaling, dropout_mask, dropout_p)
+    return _LoRALinear.apply(x, lora_A, lora_B, base, scaling, dropout_mask, dropout_p, output)

@@ -56,6 +56,7 @@ class LoRALinear(nn.Module):
         # PEFT / loralib: A as nn.Linear's default init (bound 1/sqrt(in)), B zero so the start is the base model.
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.merged = False
+        self.output_unused = False  # set by model.Block while recomputing a block whose output is discarded
 
     def forward(self, x):
         if _fused(x) and not self.merged:  # one autograd node, LoRA accumulated into the base GEMM (kernels/lora.py)
@@ -64,7 +65,8 @@ class LoRALinear(nn.Module):
             mask = None
             if self.training and self.dropout_p > 0:
                 mask = torch.rand_like(x, dtype=torch.float32) >= self.dropout_p
-            return lora_linear(x, self.base_layer, self.lora_A, self.lora_B, self.scaling, mask, self.dropout_p)
+            return lora_linear(x, self.base_layer, self.lora_A, self.lora_B, self.scaling, mask, self.dropout_p,
+                               output=not self.output_unused)
         out = self.base_layer(x)
         if self.merged:
             return out

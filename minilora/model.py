@@ -185,12 +185,21 @@ class Block(nn.Module):
             self.post_feedforward_layernorm = RMSNorm(config.hidden_size, eps, offset)
         self.sandwich = config.sandwich_norms
 
-    def forward(self, x, cos, sin, mask, cache=None):
+    def forward(self, x, cos, sin, mask, cache=None, recomputing=False):
         if self.sandwich:
             x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, mask, cache))
             return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        if not recomputing:
+            return x + self.mlp(self.post_attention_layernorm(x))
+        # A gradient-checkpoint recomputation keeps only what the backward saves. down_proj's output feeds nothing
+        # but the discarded block output here (in Gemma 2/3 a norm saves it, hence not there), so a LoRA
+        # down_proj skips its base GEMM: a fifth of the block's forward FLOPs at Llama shapes.
+        self.mlp.down_proj.output_unused = True
+        try:
+            return x + self.mlp(self.post_attention_layernorm(x))
+        finally:
+            self.mlp.down_proj.output_unused = False
 
 
 class Backbone(nn.Module):
@@ -274,12 +283,25 @@ class Transformer(nn.Module):
                 masks[window] = build_mask(positions, segments_q, window, cache)
             cos, sin = rope_tables["local" if (c.local_rope is not None and window is not None) else "global"]
             if i < checkpointed:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, masks[window], cache, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(_recomputable(layer), x, cos, sin, masks[window], cache,
+                                                      use_reentrant=False)
             else:
                 x = layer(x, cos, sin, masks[window], cache)
         if cache is not None:
             cache.length += T
         return self.model.norm(x)
+
+
+def _recomputable(block):
+    """block's forward for torch.utils.checkpoint: the first call is the forward, later ones recompute it."""
+    calls = 0
+
+    def run(*args):
+        nonlocal calls
+        calls += 1
+        return block(*args, recomputing=calls > 1)
+
+    return run
 
 
 def build_mask(positions, segments, window, cache=None):

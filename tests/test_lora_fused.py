@@ -67,3 +67,42 @@ def test_fused_lora_under_bf16_autocast(kind, device):
         rel = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
         # bf16 inputs/outputs with fp32 accumulation: relative error ~ a few bf16 ulps (2^-8 = 0.4%)
         assert rel < 1e-2, f"{kind} {name}: relative Frobenius error {rel:.2e}"
+
+
+def test_checkpoint_recompute_skips_the_discarded_down_proj_gemm(monkeypatch, tmp_path):
+    """Under gradient checkpointing a block's recomputation calls the fused down_proj with output=False (its
+    output is discarded) and every gradient equals the un-checkpointed step's, dropout included."""
+    import kernels.lora as fused
+    import minilora.lora as lora
+    from minilora.loading import load_model
+    from tiny import make_checkpoint
+
+    make_checkpoint("llama", tmp_path)
+    model, _ = load_model(str(tmp_path), quantize="nf4")
+    lora.apply_lora(model, 4, 8, dropout=0.1)
+    for m in lora.lora_modules(model).values():
+        nn.init.normal_(m.lora_B, std=0.1)
+    model.train()
+    monkeypatch.setattr(lora, "_fused", lambda x: True)  # the CUDA path, in plain torch on the CPU
+    calls = []
+
+    def recording(*args, output=True, **kwargs):
+        calls.append(output)
+        return fused_linear(*args, output=output, **kwargs)
+
+    fused_linear = fused.lora_linear
+    monkeypatch.setattr(fused, "lora_linear", recording)
+    ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = {}
+    for checkpointing in (False, True):
+        model.gradient_checkpointing = checkpointing
+        model.zero_grad(set_to_none=True)
+        calls.clear()
+        torch.manual_seed(1)  # the same dropout masks in both runs
+        model.loss(ids[:, :-1], ids[:, 1:]).backward()
+        grads[checkpointing] = [p.grad.clone() for p in params]
+        skipped = calls.count(False)
+        assert skipped == (model.config.num_hidden_layers if checkpointing else 0), calls
+    for got, want in zip(grads[True], grads[False]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
