@@ -70,6 +70,10 @@ class ModelConfig:
         return self.local_rope if (self.local_rope is not None and self.layer_windows[i] is not None) else self.rope
 
 
+MAX_SIZE = 2**31 - 1  # the largest size/count a config may give
+MAX_LAYERS = 4096  # far above any real model; a larger count is a broken file, not a model to build
+
+
 def _get(raw, key, source, default=dataclasses.MISSING, kind=None):
     if key not in raw or raw[key] is None:
         if default is dataclasses.MISSING:
@@ -78,6 +82,8 @@ def _get(raw, key, source, default=dataclasses.MISSING, kind=None):
     value = raw[key]
     if kind is int and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
         raise ConfigError(f"{source}: {key!r} must be a positive integer, found {value!r}.")
+    if kind is int and value > MAX_SIZE:  # tensors of such sizes cannot be built (torch, our int32 kernels)
+        raise ConfigError(f"{source}: {key!r}={value} is larger than {MAX_SIZE}.")
     if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0):
         raise ConfigError(f"{source}: {key!r} must be a positive number, found {value!r}.")
     return value
@@ -139,6 +145,8 @@ def _common(raw, source):
         raise ConfigError(f"{source}: head_dim={head_dim} (head_dim, or hidden_size={hidden} // num_attention_heads="
                           f"{heads}) must be an even number >= 2.")
     layers = _get(raw, "num_hidden_layers", source, kind=int)
+    if layers > MAX_LAYERS:
+        raise ConfigError(f"{source}: num_hidden_layers={layers} is larger than {MAX_LAYERS}.")
     kv_heads = _get(raw, "num_key_value_heads", source, heads, int)
     if heads % kv_heads:
         raise ConfigError(f"{source}: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}.")
