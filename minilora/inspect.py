@@ -107,17 +107,19 @@ class Regime:
     autocast: bool  # bf16 autocast with fp32 LoRA weights (trainer.py on a GPU)
     kernels: bool  # the Triton training kernels of kernels/ (RMSNorm, RoPE, GLU, fused loss): CUDA's default
     cuda: bool  # CUDA dropout keeps a bool mask (CPU: an fp32 noise); flash attention keeps its RNG state
+    fused_lora: bool = False  # LoRALinear runs kernels/lora.py's fused node (lora.py `_fused`: CUDA, backend not torch)
 
     @staticmethod
     def of(device, dtype):
         cuda = device.type == "cuda"
         autocast = cuda and dtype != torch.float32
-        kernels = False
+        kernels = fused = False
         if cuda:
             from kernels.backend import resolve_backend
 
-            kernels = resolve_backend("auto", device) == "triton"
-        return Regime(act=2 if autocast else 4, autocast=autocast, kernels=kernels, cuda=cuda)
+            backend = resolve_backend("auto", device)
+            kernels, fused = backend == "triton", backend != "torch"
+        return Regime(act=2 if autocast else 4, autocast=autocast, kernels=kernels, cuda=cuda, fused_lora=fused)
 
 
 def _lora_activations(width, out_width, r, N, dropout, reg, grad_x, input_saved):
@@ -125,6 +127,13 @@ def _lora_activations(width, out_width, r, N, dropout, reg, grad_x, input_saved)
     out) input, and A if h needs a gradient; u @ B^T keeps u = h A^T (r wide). `input_saved`: another
     op already keeps the same input tensor."""
     a = reg.act
+    if reg.fused_lora:
+        # kernels/lora.py saves u (x itself, or its dropped-out copy and the bool mask), xa = u A^T, and the
+        # compute-dtype copies of A and B, whether or not x needs a gradient
+        kept = N * r * a + a * r * (width + out_width)
+        if dropout:
+            return kept + N * width * (a + 1)
+        return kept + (0 if input_saved else N * width * a)
     if reg.autocast:
         # x.to(fp32), then autocast's bf16 copy for the matmul: every layer keeps its own copy of its
         # input, and the bf16 copies of B (and of A when x needs a gradient)
