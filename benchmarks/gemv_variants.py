@@ -5,6 +5,7 @@ benchmarks/RESULTS.md ("Decode GEMV experiments") can be rerun.
     python benchmarks/gemv_variants.py --table variants     # 3-D accumulator, strided x, all-rows kernel, M = 1..8
     python benchmarks/gemv_variants.py --table diagnostics  # what bounds the GEMV: table, no table, bytes only
     python benchmarks/gemv_variants.py --table dot          # a tl.dot kernel for M = 1..32
+    python benchmarks/gemv_variants.py --table dot2         # two tl.dot per step (even/odd columns), M = 1..64
 
 Variants: `acc3d` accumulates per element and reduces once at the end (instead of per step); `strided x`
 loads x's even and odd columns with two stride-2 loads; `rows` reads each weight byte once for all M rows;
@@ -287,9 +288,87 @@ def table_variants():
             print(f"| {N} × {K} | {M} | " + " | ".join(cells) + " |", flush=True)
 
 
+
+
+@triton.autotune(configs=_dot_configs(), key=["N", "K", "M_PAD", "RESHAPE"])
+@triton.jit
+def gemv_dot2(x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, code_ptr, out_ptr,
+              M, N, K, stride_xm, stride_om, NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
+              M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, RESHAPE: tl.constexpr):
+    """x's even and odd columns against the high and low nibbles, two tl.dot per step: no join of the nibbles.
+    RESHAPE: scales applied to a (BLOCK_N, groups, 32) tile then reshaped; else gathered per element."""
+    GROUPS: tl.constexpr = BLOCK_K // 64
+    HALF: tl.constexpr = BLOCK_K // 2
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m = tl.arange(0, M_PAD)
+    j = tl.arange(0, HALF)
+    n_mask = n < N
+    acc = tl.zeros((M_PAD, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        byte_col = k0 // 2 + j
+        b_mask = byte_col < K // 2
+        if RESHAPE:
+            g = k0 // 64 + tl.arange(0, GROUPS)
+            i = tl.arange(0, 32)
+            q3 = tl.load(packed_ptr + n[:, None, None] * (K // 2) + g[None, :, None] * 32 + i[None, None, :],
+                         mask=n_mask[:, None, None] & (g[None, :, None] < K // 64), other=0).to(tl.int32)
+            s = _absmax(n[:, None] * (K // 64) + g[None, :], n_mask[:, None] & (g[None, :] < K // 64),
+                        absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, NESTED, NESTED_BLOCKSIZE)
+            w_hi = tl.reshape(tl.load(code_ptr + (q3 >> 4)) * s[:, :, None], (BLOCK_N, HALF)).to(x_ptr.dtype.element_ty)
+            w_lo = tl.reshape(tl.load(code_ptr + (q3 & 15)) * s[:, :, None], (BLOCK_N, HALF)).to(x_ptr.dtype.element_ty)
+        else:
+            q = tl.load(packed_ptr + n[:, None] * (K // 2) + byte_col[None, :], mask=n_mask[:, None] & b_mask[None, :],
+                        other=0).to(tl.int32)
+            s = _absmax(n[:, None] * (K // 64) + byte_col[None, :] // 32, n_mask[:, None] & b_mask[None, :],
+                        absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, NESTED, NESTED_BLOCKSIZE)
+            w_hi = (tl.load(code_ptr + (q >> 4)) * s).to(x_ptr.dtype.element_ty)
+            w_lo = (tl.load(code_ptr + (q & 15)) * s).to(x_ptr.dtype.element_ty)
+        col = k0 + 2 * j
+        x_mask = (m[:, None] < M) & (col[None, :] < K)
+        x_even = tl.load(x_ptr + m[:, None] * stride_xm + col[None, :], mask=x_mask, other=0.0)
+        x_odd = tl.load(x_ptr + m[:, None] * stride_xm + col[None, :] + 1, mask=x_mask, other=0.0)
+        acc = tl.dot(x_even, tl.trans(w_hi), acc)
+        acc = tl.dot(x_odd, tl.trans(w_lo), acc)
+    tl.store(out_ptr + m[:, None] * stride_om + n[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=(m[:, None] < M) & n_mask[None, :])
+
+
+def matmul_dot2(x, state, reshape=False):
+    N, K = state.shape
+    x2 = x.reshape(-1, K)
+    M = x2.shape[0]
+    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    gemv_dot2[grid](x2, state.packed, *nested_args(state), state.code, out, M, N, K, x2.stride(0), out.stride(0),
+                    NESTED=state.nested, NESTED_BLOCKSIZE=state.nested_blocksize,
+                    M_PAD=max(16, triton.next_power_of_2(M)), RESHAPE=reshape)
+    return out
+
+
+def table_dot2():
+    import kernels.nf4_matmul as mm
+    from benchmarks.gemv import LAYERS, SHAPES, graph_time
+    from minilora.nf4 import dequantize_nf4, quantize_nf4
+
+    print("| N × K | M | bf16 | current | dot2 gather | dot2 reshape |")
+    for N, K in SHAPES:
+        torch.manual_seed(0)
+        states = [quantize_nf4(torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02, True) for _ in range(LAYERS)]
+        dense = [dequantize_nf4(s, torch.bfloat16) for s in states]
+        for M in (1, 4, 8, 16, 64):
+            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+            ref = F.linear(x.double(), dequantize_nf4(states[0], torch.float64))
+            fns = [lambda i: F.linear(x, dense[i]), lambda i: mm.matmul_nf4(x, states[i]),
+                   lambda i: matmul_dot2(x, states[i]), lambda i: matmul_dot2(x, states[i], True)]
+            for fn in fns:
+                assert (fn(0).double() - ref).abs().max() < 2e-2 * ref.abs().max()
+            print(f"| {N} × {K} | {M} | " + " | ".join(f"{graph_time(f):.1f}" for f in fns) + " |", flush=True)
+
+
 if __name__ == "__main__":
     import argparse
 
     parser = argparse.ArgumentParser()
-    parser.add_argument("--table", choices=["variants", "diagnostics", "dot"], default="diagnostics")
-    {"variants": table_variants, "diagnostics": table_diagnostics, "dot": table_dot}[parser.parse_args().table]()
+    parser.add_argument("--table", choices=["variants", "diagnostics", "dot", "dot2"], default="diagnostics")
+    {"variants": table_variants, "diagnostics": table_diagnostics, "dot": table_dot,
+     "dot2": table_dot2}[parser.parse_args().table]()

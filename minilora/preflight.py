@@ -136,12 +136,15 @@ def check_step(model, batch, config, device, dtype, estimate):
         if device.type == "cuda":
             torch.cuda.empty_cache()
         rows = f"--max-seq-len {config.max_seq_len} with --pack" if config.pack else "the longest example"
+        checkpointing = "keep --gradient-checkpointing on"
+        if config.uncheckpointed_blocks:
+            checkpointing += f" with fewer --uncheckpointed-blocks than {config.uncheckpointed_blocks}"
         raise ConfigError(
             f"preflight: one training micro-batch of {B} rows x {T} tokens does not fit in {device} memory "
             f"({str(e).splitlines()[0][:200]}). It is the largest the data can produce (--micro-batch-size "
             f"{config.micro_batch_size}, rows of {rows}); estimated need ~{_gib(estimate['total'])}. Lower "
             "--micro-batch-size and raise --grad-accum-steps to keep the effective batch, lower --max-seq-len, "
-            "keep --gradient-checkpointing on, or use --quantize nf4.") from None
+            f"{checkpointing}, or use --quantize nf4.") from None
     finally:
         for p in params:
             p.grad = None
