@@ -203,10 +203,18 @@ def main_table(args):
         write_random_checkpoint(model_name, directory)
         hf = run_worker("hf", directory, batch, seq, ckpt, args.steps)
         lean = run_worker("hf-lean", directory, batch, seq, ckpt, args.steps) if args.lean else {"error": "not run"}
-        for kept in [int(n) for n in args.uncheckpointed.split(",")] if ckpt else [0]:
+        for kept in _uncheckpointed(args.uncheckpointed, model_name) if ckpt else [0]:
             rows.append(_row(args, model_name, directory, batch, seq, ckpt, kept, hf, lean, peak))
             print(json.dumps(rows[-1]), flush=True)
     return name, rows
+
+
+def _uncheckpointed(spec, model_name):
+    """'0,4' for every model, or 'gemma-2b:0/11,llama3.2-3b:0/4' per model (0 for a model not named)."""
+    if ":" not in spec:
+        return [int(n) for n in spec.split(",")]
+    per_model = dict(item.split(":") for item in spec.split(","))
+    return [int(n) for n in per_model.get(model_name, "0").split("/")]
 
 
 def _row(args, model_name, directory, batch, seq, ckpt, kept, hf, lean, peak):
@@ -300,8 +308,9 @@ def main():
                         "(the trainer's --offload-activations; eager, no CUDA graphs)")
     parser.add_argument("--eager", action="store_true", help="also time minilora without CUDA graphs")
     parser.add_argument("--lean", action="store_true", help="also run the lean HF variant (no kbit-training prep)")
-    parser.add_argument("--uncheckpointed", default="0", help="comma-separated numbers of last blocks left out of "
-                        "gradient checkpointing (model.uncheckpointed_blocks), one minilora row each")
+    parser.add_argument("--uncheckpointed", default="0", help="numbers of last blocks left out of gradient "
+                        "checkpointing (model.uncheckpointed_blocks), one minilora row each: '0,4', or per model "
+                        "'gemma-2b:0/11,llama3.2-3b:0/4'")
     parser.add_argument("--uncheckpointed-blocks", type=int, default=0, help=argparse.SUPPRESS)  # worker
     parser.add_argument("--no-table", action="store_true")
     parser.add_argument("--workdir", default="/tmp/minilora-bench")
