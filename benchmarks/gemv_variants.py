@@ -45,6 +45,18 @@ def _configs_m():
 
 
 @triton.jit
+def _tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, n, n_mask, group, g_mask, K,
+          NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr):
+    """The packed bytes (rows n, 64-column groups `group`, 32 bytes each) as int32, and each group's absmax."""
+    i = tl.arange(0, 32)
+    byte = n[:, None, None] * (K // 2) + group[None, :, None] * 32 + i[None, None, :]
+    q = tl.load(packed_ptr + byte, mask=n_mask[:, None, None] & g_mask[None, :, None], other=0).to(tl.int32)
+    scale = _absmax(n[:, None] * (K // 64) + group[None, :], n_mask[:, None] & g_mask[None, :],
+                    absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, NESTED, NESTED_BLOCKSIZE)
+    return q, scale
+
+
+@triton.jit
 def _gemv_acc3d(x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, code_ptr, out_ptr,
                 N, K, stride_xm, stride_om, NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STRIDED_X: tl.constexpr, MODE: tl.constexpr = 0):
@@ -58,10 +70,8 @@ def _gemv_acc3d(x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_pt
     for k0 in range(0, K, BLOCK_K):
         group = k0 // 64 + g
         g_mask = group < K // 64
-        byte = n[:, None, None] * (K // 2) + group[None, :, None] * 32 + i[None, None, :]
-        q = tl.load(packed_ptr + byte, mask=n_mask[:, None, None] & g_mask[None, :, None], other=0).to(tl.int32)
-        scale = _absmax(n[:, None] * (K // 64) + group[None, :], n_mask[:, None] & g_mask[None, :],
-                        absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, NESTED, NESTED_BLOCKSIZE)
+        q, scale = _tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, n, n_mask, group,
+                         g_mask, K, NESTED, NESTED_BLOCKSIZE)
         if STRIDED_X:
             col = group[:, None] * 64 + 2 * i[None, :]
             x_even = tl.load(x_row + col, mask=g_mask[:, None], other=0.0).to(tl.float32)
@@ -110,10 +120,8 @@ def _gemv_rows(x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr
     for k0 in range(0, K, BLOCK_K):
         group = k0 // 64 + g
         g_mask = group < K // 64
-        byte = n[:, None, None] * (K // 2) + group[None, :, None] * 32 + i[None, None, :]
-        q = tl.load(packed_ptr + byte, mask=n_mask[:, None, None] & g_mask[None, :, None], other=0).to(tl.int32)
-        scale = _absmax(n[:, None] * (K // 64) + group[None, :], n_mask[:, None] & g_mask[None, :],
-                        absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, NESTED, NESTED_BLOCKSIZE)
+        q, scale = _tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, n, n_mask, group,
+                         g_mask, K, NESTED, NESTED_BLOCKSIZE)
         high = tl.load(code_ptr + (q >> 4)) * scale[:, :, None]
         low = tl.load(code_ptr + (q & 15)) * scale[:, :, None]
         col = m[:, None, None] * stride_xm + group[None, :, None] * 64 + 2 * i[None, None, :]
@@ -135,61 +143,30 @@ def pair_table(code):
     return (bits[b >> 4] << 32) | bits[b & 15]
 
 
-def matmul_acc3d(x, state, strided=False, mode=0, table=None):
+def _launch(kernel, x, state, one_row_per_program, code=None, **constexprs):
+    """out = x @ W^T through one of the kernels above (grid: column blocks, and x's rows if one per program)."""
     N, K = state.shape
     x2 = x.reshape(-1, K)
     M = x2.shape[0]
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), M)  # noqa: E731
-    gemv_acc3d[grid](x2, state.packed, *nested_args(state), state.code if table is None else table, out, N, K, x2.stride(0), out.stride(0),
-                     NESTED=state.nested, NESTED_BLOCKSIZE=state.nested_blocksize, STRIDED_X=strided, MODE=mode)
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),) + ((M,) if one_row_per_program else ())  # noqa: E731
+    rows = () if one_row_per_program else (M,)
+    kernel[grid](x2, state.packed, *nested_args(state), state.code if code is None else code, out, *rows, N, K,
+                 x2.stride(0), out.stride(0), NESTED=state.nested, NESTED_BLOCKSIZE=state.nested_blocksize,
+                 **constexprs)
     return out
+
+
+def matmul_acc3d(x, state, strided=False, mode=0, table=None):
+    return _launch(gemv_acc3d, x, state, True, table, STRIDED_X=strided, MODE=mode)
+
+
+def _rows_padded(x, minimum):
+    return max(minimum, triton.next_power_of_2(x.reshape(-1, x.shape[-1]).shape[0]))
 
 
 def matmul_rows(x, state):
-    N, K = state.shape
-    x2 = x.reshape(-1, K)
-    M = x2.shape[0]
-    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-    gemv_rows[grid](x2, state.packed, *nested_args(state), state.code, out, M, N, K, x2.stride(0), out.stride(0),
-                    NESTED=state.nested, NESTED_BLOCKSIZE=state.nested_blocksize,
-                    M_PAD=max(1, triton.next_power_of_2(M)))
-    return out
-
-
-def table_diagnostics():
-    import dataclasses
-    from benchmarks.gemv import LAYERS, SHAPES, graph_time
-    from minilora.nf4 import dequantize_nf4, quantize_nf4, dequantize_absmax
-
-    dev = "cuda"
-    cols = ["bf16", "acc3d", "pair", "pair-strided", "pair-nested", "bytes-only"]
-    print("| N × K | M | " + " | ".join(cols) + " |")
-    for N, K in SHAPES:
-        torch.manual_seed(0)
-        states = [quantize_nf4(torch.randn(N, K, device=dev, dtype=torch.bfloat16) * 0.02, True) for _ in range(LAYERS)]
-        flat = [dataclasses.replace(s, absmax=dequantize_absmax(s), nested_absmax=None, nested_code=None, offset=None)
-                for s in states]
-        dense = [dequantize_nf4(s, torch.bfloat16) for s in states]
-        copies = [torch.empty_like(s.packed) for s in states]
-        x = torch.randn(1, K, device=dev, dtype=torch.bfloat16)
-        ref = F.linear(x.double(), dequantize_nf4(states[0], torch.float64))
-        table = pair_table(states[0].code)
-        for out in (matmul_acc3d(x, flat[0]), matmul_acc3d(x, flat[0], mode=3, table=table),
-                    matmul_acc3d(x, states[0], mode=3, table=table)):
-            assert (out.double() - ref).abs().max() < 2e-2 * ref.abs().max()
-        fns = {"bf16": lambda i: F.linear(x, dense[i]), "acc3d": lambda i: matmul_acc3d(x, states[i]),
-               "pair": lambda i: matmul_acc3d(x, flat[i], mode=3, table=table),
-               "pair-strided": lambda i: matmul_acc3d(x, flat[i], True, mode=3, table=table),
-               "pair-nested": lambda i: matmul_acc3d(x, states[i], mode=3, table=table),
-               "bytes-only": lambda i: matmul_acc3d(x, flat[i], mode=2),
-               "copy-packed": lambda i: copies[i].copy_(states[i].packed)}
-        times = {k: graph_time(f) for k, f in fns.items()}
-        print(f"| {N} × {K} | 1 | " + " | ".join(f"{times[c]:.1f}" for c in cols) + " |", flush=True)
-        print({str(k[:5]): str(v) for k, v in gemv_acc3d.cache.items() if k[0] == N and k[1] == K})
-
-
+    return _launch(gemv_rows, x, state, False, M_PAD=_rows_padded(x, 1))
 
 
 def _dot_configs():
@@ -231,63 +208,7 @@ def gemv_dot(x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, 
 
 
 def matmul_dot(x, state):
-    N, K = state.shape
-    x2 = x.reshape(-1, K)
-    M = x2.shape[0]
-    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-    gemv_dot[grid](x2, state.packed, *nested_args(state), state.code, out, M, N, K, x2.stride(0), out.stride(0),
-                   NESTED=state.nested, NESTED_BLOCKSIZE=state.nested_blocksize, M_PAD=max(16, triton.next_power_of_2(M)))
-    return out
-
-
-def table_dot():
-    import kernels.nf4_matmul as mm
-    from benchmarks.gemv import LAYERS, SHAPES, graph_time
-    from minilora.nf4 import dequantize_nf4, quantize_nf4
-
-    print("| N × K | M | bf16 | current | dot |")
-    for N, K in SHAPES:
-        torch.manual_seed(0)
-        states = [quantize_nf4(torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02, True) for _ in range(LAYERS)]
-        dense = [dequantize_nf4(s, torch.bfloat16) for s in states]
-        for M in (1, 4, 8, 16, 32):
-            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-            ref = F.linear(x.double(), dequantize_nf4(states[0], torch.float64))
-            err = (matmul_dot(x, states[0]).double() - ref).abs().max() / ref.abs().max()
-            assert err < 2e-2, float(err)
-            t = [graph_time(f) for f in (lambda i: F.linear(x, dense[i]), lambda i: mm.matmul_nf4(x, states[i]),
-                                         lambda i: matmul_dot(x, states[i]))]
-            print(f"| {N} × {K} | {M} | " + " | ".join(f"{v:.1f}" for v in t) + " |", flush=True)
-        print({str(k[:3]): str(v) for k, v in gemv_dot.cache.items() if k[0] == N and k[1] == K})
-
-
-def table_variants():
-    import kernels.nf4_matmul as mm
-    from benchmarks.gemv import LAYERS, SHAPES, graph_time
-    from minilora.nf4 import dequantize_nf4, quantize_nf4
-
-    print("| N × K | M | bf16 | current | acc3d | acc3d strided-x | rows |")
-    for N, K in SHAPES:
-        torch.manual_seed(0)
-        states = [quantize_nf4(torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02, True) for _ in range(LAYERS)]
-        dense = [dequantize_nf4(s, torch.bfloat16) for s in states]
-        for M in (1, 2, 4, 8):
-            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-            ref = F.linear(x.double(), dequantize_nf4(states[0], torch.float64))
-            fns = {"bf16": lambda i: F.linear(x, dense[i]), "current": lambda i: mm.matmul_nf4(x, states[i]),
-                   "acc3d": lambda i: matmul_acc3d(x, states[i]), "acc3d-s": lambda i: matmul_acc3d(x, states[i], True),
-                   "rows": lambda i: matmul_rows(x, states[i])}
-            if M > 2:
-                fns.pop("acc3d"), fns.pop("acc3d-s")
-            times = {}
-            for name, fn in fns.items():
-                assert (fn(0).double() - ref).abs().max() < 2e-2 * ref.abs().max(), name
-                times[name] = graph_time(fn)
-            cells = [f"{times[k]:.1f}" if k in times else "-" for k in ("bf16", "current", "acc3d", "acc3d-s", "rows")]
-            print(f"| {N} × {K} | {M} | " + " | ".join(cells) + " |", flush=True)
-
-
+    return _launch(gemv_dot, x, state, False, M_PAD=_rows_padded(x, 16))
 
 
 @triton.autotune(configs=_dot_configs(), key=["N", "K", "M_PAD", "RESHAPE"])
@@ -309,11 +230,8 @@ def gemv_dot2(x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr,
         b_mask = byte_col < K // 2
         if RESHAPE:
             g = k0 // 64 + tl.arange(0, GROUPS)
-            i = tl.arange(0, 32)
-            q3 = tl.load(packed_ptr + n[:, None, None] * (K // 2) + g[None, :, None] * 32 + i[None, None, :],
-                         mask=n_mask[:, None, None] & (g[None, :, None] < K // 64), other=0).to(tl.int32)
-            s = _absmax(n[:, None] * (K // 64) + g[None, :], n_mask[:, None] & (g[None, :] < K // 64),
-                        absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, NESTED, NESTED_BLOCKSIZE)
+            q3, s = _tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, n, n_mask, g,
+                          g < K // 64, K, NESTED, NESTED_BLOCKSIZE)
             w_hi = tl.reshape(tl.load(code_ptr + (q3 >> 4)) * s[:, :, None], (BLOCK_N, HALF)).to(x_ptr.dtype.element_ty)
             w_lo = tl.reshape(tl.load(code_ptr + (q3 & 15)) * s[:, :, None], (BLOCK_N, HALF)).to(x_ptr.dtype.element_ty)
         else:
@@ -334,35 +252,86 @@ def gemv_dot2(x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr,
 
 
 def matmul_dot2(x, state, reshape=False):
-    N, K = state.shape
-    x2 = x.reshape(-1, K)
-    M = x2.shape[0]
-    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-    gemv_dot2[grid](x2, state.packed, *nested_args(state), state.code, out, M, N, K, x2.stride(0), out.stride(0),
-                    NESTED=state.nested, NESTED_BLOCKSIZE=state.nested_blocksize,
-                    M_PAD=max(16, triton.next_power_of_2(M)), RESHAPE=reshape)
-    return out
+    return _launch(gemv_dot2, x, state, False, M_PAD=_rows_padded(x, 16), RESHAPE=reshape)
 
 
-def table_dot2():
-    import kernels.nf4_matmul as mm
+def _stream_table(columns, ms, make, unchecked=()):
+    """One markdown row per (shape, M): µs per call of each column as a decode step streams 28 weights.
+    make(x, states, dense) -> {column: fn(i)} (a column left out prints "-"); outputs are checked against
+    float64 first, except the `unchecked` diagnostics that compute something else on purpose."""
     from benchmarks.gemv import LAYERS, SHAPES, graph_time
     from minilora.nf4 import dequantize_nf4, quantize_nf4
 
-    print("| N × K | M | bf16 | current | dot2 gather | dot2 reshape |")
+    print("| N × K | M | " + " | ".join(columns) + " |")
     for N, K in SHAPES:
         torch.manual_seed(0)
-        states = [quantize_nf4(torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02, True) for _ in range(LAYERS)]
+        states = [quantize_nf4(torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02, True)
+                  for _ in range(LAYERS)]
         dense = [dequantize_nf4(s, torch.bfloat16) for s in states]
-        for M in (1, 4, 8, 16, 64):
+        for M in ms:
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
             ref = F.linear(x.double(), dequantize_nf4(states[0], torch.float64))
-            fns = [lambda i: F.linear(x, dense[i]), lambda i: mm.matmul_nf4(x, states[i]),
-                   lambda i: matmul_dot2(x, states[i]), lambda i: matmul_dot2(x, states[i], True)]
-            for fn in fns:
-                assert (fn(0).double() - ref).abs().max() < 2e-2 * ref.abs().max()
-            print(f"| {N} × {K} | {M} | " + " | ".join(f"{graph_time(f):.1f}" for f in fns) + " |", flush=True)
+            fns, cells = make(x, states, dense), []
+            for name in columns:
+                if name not in fns:
+                    cells.append("-")
+                    continue
+                if name not in unchecked:
+                    assert (fns[name](0).double() - ref).abs().max() < 2e-2 * ref.abs().max(), name
+                cells.append(f"{graph_time(fns[name]):.1f}")
+            print(f"| {N} × {K} | {M} | " + " | ".join(cells) + " |", flush=True)
+
+
+def _baselines(x, states, dense):
+    import kernels.nf4_matmul as mm
+
+    return {"bf16": lambda i: F.linear(x, dense[i]), "current": lambda i: mm.matmul_nf4(x, states[i])}
+
+
+def table_variants():
+    def make(x, states, dense):
+        fns = {**_baselines(x, states, dense), "rows": lambda i: matmul_rows(x, states[i])}
+        if x.shape[0] <= 2:
+            fns.update({"acc3d": lambda i: matmul_acc3d(x, states[i]),
+                        "acc3d strided x": lambda i: matmul_acc3d(x, states[i], True)})
+        return fns
+
+    _stream_table(["bf16", "current", "acc3d", "acc3d strided x", "rows"], (1, 2, 4, 8), make)
+
+
+def table_diagnostics():
+    import dataclasses
+
+    from minilora.nf4 import dequantize_absmax
+
+    def make(x, states, dense):
+        flat = [dataclasses.replace(s, absmax=dequantize_absmax(s), nested_absmax=None, nested_code=None, offset=None)
+                for s in states]
+        copies = [torch.empty_like(s.packed) for s in states]
+        table = pair_table(states[0].code)
+        return {"bf16": lambda i: F.linear(x, dense[i]), "acc3d": lambda i: matmul_acc3d(x, states[i]),
+                "pair table": lambda i: matmul_acc3d(x, flat[i], mode=3, table=table),
+                "pair table, strided x": lambda i: matmul_acc3d(x, flat[i], True, mode=3, table=table),
+                "pair table, double-quant": lambda i: matmul_acc3d(x, states[i], mode=3, table=table),
+                "flat absmax": lambda i: matmul_acc3d(x, flat[i]),
+                "no table": lambda i: matmul_acc3d(x, flat[i], mode=1),
+                "bytes only": lambda i: matmul_acc3d(x, flat[i], mode=2),
+                "copy": lambda i: copies[i].copy_(states[i].packed)}
+
+    _stream_table(["bf16", "acc3d", "pair table", "pair table, strided x", "pair table, double-quant", "flat absmax",
+                   "no table", "bytes only", "copy"], (1,), make, unchecked=("no table", "bytes only", "copy"))
+
+
+def table_dot():
+    _stream_table(["bf16", "current", "dot"], (1, 4, 8, 16, 32),
+                  lambda x, states, dense: {**_baselines(x, states, dense), "dot": lambda i: matmul_dot(x, states[i])})
+
+
+def table_dot2():
+    _stream_table(["bf16", "current", "dot2 gather", "dot2 reshape"], (1, 4, 8, 16, 64),
+                  lambda x, states, dense: {**_baselines(x, states, dense),
+                                            "dot2 gather": lambda i: matmul_dot2(x, states[i]),
+                                            "dot2 reshape": lambda i: matmul_dot2(x, states[i], True)})
 
 
 if __name__ == "__main__":
