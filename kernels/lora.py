@@ -64,9 +64,8 @@ class _LoRALinear(torch.autograd.Function):
         u, xa, a, b, mask = ctx.saved_tensors
         x_dtype, a_dtype, b_dtype = ctx.dtypes
         g = grad_y.reshape(-1, grad_y.shape[-1]).to(u.dtype)
-        # the scaling goes into the GEMM (addmm's alpha; beta=0 ignores the uninitialised input): no extra pass
-        grad_B = torch.addmm(b, g.t(), xa, beta=0, alpha=ctx.scaling)
-        dxa = torch.addmm(xa, g, b, beta=0, alpha=ctx.scaling)
+        grad_B = torch.mm(g.t(), xa).mul_(ctx.scaling)
+        dxa = torch.mm(g, b).mul_(ctx.scaling)
         grad_A = torch.mm(dxa.t(), u)
         grad_x = None
         if ctx.needs_input_grad[0]:
