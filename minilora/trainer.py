@@ -449,6 +449,12 @@ def _train(config: TrainConfig):
     apply_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets, config.use_rslora)
     model.gradient_checkpointing = config.gradient_checkpointing
     model.uncheckpointed_blocks = min(config.uncheckpointed_blocks, model.config.num_hidden_layers)
+    if config.uncheckpointed_blocks and not config.gradient_checkpointing:
+        log.warning("--uncheckpointed-blocks %d has no effect without --gradient-checkpointing (every block keeps "
+                    "its activations)", config.uncheckpointed_blocks)
+    elif config.gradient_checkpointing and model.uncheckpointed_blocks:
+        log.info("gradient checkpointing: the first %d blocks recompute, the last %d keep their activations",
+                 model.config.num_hidden_layers - model.uncheckpointed_blocks, model.uncheckpointed_blocks)
     params = list(lora_parameters(model).values())
     if fsdp:
         held, whole = distributed.shard_base(ranks, model, params, device)

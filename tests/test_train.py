@@ -129,6 +129,19 @@ def test_resume_is_exact(inputs, tmp_path):
     assert epochs[-1] >= 1, f"the run should cross an epoch boundary, epochs {epochs}"
 
 
+def test_uncheckpointed_blocks_train_the_same(inputs, tmp_path, caplog):
+    """--uncheckpointed-blocks changes what is recomputed, not what is computed: the same losses, dropout on."""
+    from minilora.trainer import train
+
+    settings = dict(max_steps=3, lora_dropout=0.1)
+    train(_config(inputs, tmp_path / "all", **settings))
+    with caplog.at_level("INFO", logger="minilora"):
+        train(_config(inputs, tmp_path / "last", **settings, uncheckpointed_blocks=1))
+    assert "the last 1 keep their activations" in caplog.text
+    every, last = _losses(str(tmp_path / "all")), _losses(str(tmp_path / "last"))
+    assert len(every) == 3 and every == pytest.approx(last, rel=1e-6), (every, last)
+
+
 def test_sigkill_during_checkpoint_write_resumes_from_last_complete(inputs, tmp_path):
     """D1: the writer sleeps halfway through step 4's optimizer file; we SIGKILL it there, then resume."""
     base, data = inputs
