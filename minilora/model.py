@@ -190,7 +190,7 @@ class Block(nn.Module):
             x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, mask, cache))
             return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
-        if not recomputing:
+        if not recomputing:  # every forward outside a recomputation (generation, compiled steps) stays as it is
             return x + self.mlp(self.post_attention_layernorm(x))
         # A gradient-checkpoint recomputation keeps only what the backward saves. down_proj's output feeds nothing
         # but the discarded block output here (in Gemma 2/3 a norm saves it, hence not there), so a LoRA
