@@ -65,6 +65,7 @@ class StaticKVCache(KVCache):
     def __init__(self, config, batch_size, max_length, device, dtype):
         super().__init__(config, batch_size, max_length, device, dtype)
         self.slot = torch.zeros((), dtype=torch.long, device=device)
+        self.slots = self.slot + torch.arange(1, device=device)  # this forward's write slots (append_positions)
 
     # model.py counts `cache.length += T`; here the count lives in `slot`. A constant 0 that ignores writes
     # keeps torch.compile from specialising (and recompiling) the step on a changing Python int.
