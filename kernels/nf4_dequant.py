@@ -14,6 +14,8 @@ Test: tests/test_nf4_kernels.py. Benchmark: benchmarks/kernels.py.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -116,4 +118,81 @@ def dequantize_nf4(state: NF4State, dtype: torch.dtype | None = None, out: torch
     _dequantize_nf4_kernel[grid](state.packed, *nested_args(state), state.code, out, state.numel,
                                  NESTED=state.nested, NESTED_BLOCKSIZE=state.nested_blocksize,
                                  BLOCKS=BLOCKS_PER_PROGRAM, num_warps=NUM_WARPS, enable_fp_fusion=False)
+    return out
+
+
+# ---- dequantization with a LoRA update folded in: W + s * B @ A, for the fused LoRA linear ----
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _LORA_CONFIGS = [triton.Config({"BLOCK_N": 16, "BLOCK_K": 128})]
+else:  # H200, Llama-3.2-3B shapes
+    _LORA_CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w)
+                     for n, k, w in [(32, 256, 4), (64, 128, 4), (64, 256, 8), (128, 128, 8), (32, 512, 8)]]
+
+
+def dequantize_nf4_lora_reference(state: NF4State, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                                  dtype: torch.dtype) -> torch.Tensor:
+    """W + scaling * B @ A in `dtype` (plain torch): the NF4 weight dequantized in fp32, the update in float64,
+    added in fp32 and rounded once."""
+    from minilora.nf4 import dequantize_nf4 as dequantize_torch
+
+    delta = (lora_B.double() @ lora_A.double()) * scaling
+    return (dequantize_torch(state, torch.float32) + delta.float()).to(dtype)
+
+
+@triton.autotune(configs=_LORA_CONFIGS, key=["N", "K", "R"])
+@triton.jit
+def _dequantize_nf4_lora_kernel(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, code_ptr,
+                                a_ptr, b_ptr, out_ptr, N, K, R, scaling,
+                                NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, BLOCK_R: tl.constexpr,
+                                PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    GROUPS: tl.constexpr = BLOCK_K // 64
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    groups = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)  # absmax blocks along the row (K % 64 == 0)
+    block = rows[:, None] * (K // 64) + groups[None, :]  # (BLOCK_N, GROUPS)
+    block_mask = (rows < N)[:, None] & (groups < K // 64)[None, :]
+    byte = block[:, :, None] * 32 + tl.arange(0, 32)[None, None, :]  # (BLOCK_N, GROUPS, 32)
+    q = tl.load(packed_ptr + byte, mask=block_mask[:, :, None], other=0).to(tl.int32)
+    scale = _absmax(block, block_mask, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
+                    NESTED, NESTED_BLOCKSIZE)[:, :, None]
+    high = tl.load(code_ptr + (q >> 4)) * scale
+    low = tl.load(code_ptr + (q & 15)) * scale
+    w = tl.reshape(tl.interleave(high, low), (BLOCK_N, BLOCK_K))  # element order along the row
+    # the rank-R update of this tile on the tensor cores: (BLOCK_N, R) @ (R, BLOCK_K), R padded with zeros
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    ranks = tl.arange(0, BLOCK_R)
+    b = tl.load(b_ptr + rows[:, None] * R + ranks[None, :], mask=(rows < N)[:, None] & (ranks < R)[None, :], other=0.0)
+    a = tl.load(a_ptr + ranks[:, None] * K + cols[None, :], mask=(ranks < R)[:, None] & (cols < K)[None, :], other=0.0)
+    w += scaling * tl.dot(b, a, input_precision=PRECISION)
+    mask = (rows < N)[:, None] & (cols < K)[None, :]
+    tl.store(out_ptr + rows[:, None] * K + cols[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def dequantize_nf4_lora(state: NF4State, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                        dtype: torch.dtype) -> torch.Tensor:
+    """W + scaling * lora_B @ lora_A as a new `dtype` tensor (N, K), W the NF4 weight: the merged weight the fused
+    LoRA linear multiplies by, so the LoRA branch costs no pass over the (tokens, N) output.
+
+    lora_A (R, K) and lora_B (N, R) fp32, contiguous, on W's device. Needs K % 64 == 0 (rows made of whole absmax
+    blocks). The update runs as tf32 on the tensor cores for fp16/bf16 output (its error, ~2^-11 relative, is
+    below the output's rounding) and in full fp32 for fp32 output. B = 0 gives exactly `dequantize_nf4`.
+    """
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"dequantize_nf4_lora: dtype {dtype}; expected float16, bfloat16 or float32")
+    device = state.packed.device
+    check_state(state, device, "dequantize_nf4_lora")
+    if len(state.shape) != 2 or state.shape[1] % 64:
+        raise ValueError(f"dequantize_nf4_lora: weight shape {list(state.shape)}; needs 2-D with K % 64 == 0")
+    n, k = state.shape
+    r = lora_A.shape[0]
+    for name, t, shape in (("lora_A", lora_A, (r, k)), ("lora_B", lora_B, (n, r))):
+        if tuple(t.shape) != shape or t.dtype != torch.float32 or t.device != device or not t.is_contiguous():
+            raise ValueError(f"dequantize_nf4_lora: {name} is {t.dtype} {list(t.shape)} on {t.device} "
+                             f"(contiguous={t.is_contiguous()}); expected contiguous float32 {list(shape)} on {device}")
+    out = torch.empty((n, k), dtype=dtype, device=device)
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(k, meta["BLOCK_K"]))  # noqa: E731
+    _dequantize_nf4_lora_kernel[grid](state.packed, *nested_args(state), state.code, lora_A, lora_B, out, n, k, r,
+                                      float(scaling), NESTED=state.nested, NESTED_BLOCKSIZE=state.nested_blocksize,
+                                      BLOCK_R=max(16, triton.next_power_of_2(r)),
+                                      PRECISION="ieee" if dtype == torch.float32 else "tf32", enable_fp_fusion=False)
     return out

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kernels import backend
-from kernels.nf4_dequant import dequantize_nf4
+from kernels.nf4_dequant import dequantize_nf4, dequantize_nf4_lora, dequantize_nf4_lora_reference
 from kernels.nf4_matmul import SMALL_M, matmul_nf4, matmul_nf4_t
 from minilora import nf4
 
@@ -53,6 +53,47 @@ def test_dequantize_into_out_buffer():
     out = torch.full((9, 64), float("nan"))
     assert dequantize_nf4(state, torch.float32, out=out) is out
     assert torch.equal(out, nf4.dequantize_nf4(state))
+
+
+# ---- dequantization with a LoRA update folded in (W + s B A, the fused LoRA linear's merged weight) ----
+
+def _assert_merged_close(ours, state, a, b, scaling, what):
+    """Within one rounding of the output dtype (plus tf32's 2^-11 on the update for half outputs) of the float64
+    W + s B A, W the exact dequantized weight."""
+    exact = nf4.dequantize_nf4(state, torch.float32).double() + scaling * (b.double() @ a.double())
+    update = scaling * (b.double().abs() @ a.double().abs())
+    tf32 = 0.0 if ours.dtype == torch.float32 else 2.0 ** -10
+    bound = EPS[ours.dtype] * exact.abs() + (tf32 + 4 * EPS[torch.float32]) * update + 1e-30
+    err = (ours.double() - exact).abs()
+    assert not (err > bound).any(), f"{what}: {int((err > bound).sum())} outside; max diff {err.max().item():.3g}"
+
+
+@pytest.mark.parametrize("nested", [True, False])
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("n,k,r", [(37, 192, 5), (5, 64, 16), (20, 320, 1)])  # rows and ranks off the tiles
+def test_dequantize_with_lora_matches_float64(n, k, r, dtype, nested):
+    state = _state(n, k, nested=nested)
+    a, b = torch.randn(r, k) / k ** 0.5, torch.randn(n, r)
+    ours = dequantize_nf4_lora(state, a, b, 0.75, dtype)
+    _assert_merged_close(ours, state, a, b, 0.75, f"W + s B A ({n}x{k}, r={r}, {dtype})")
+    torch.testing.assert_close(ours, dequantize_nf4_lora_reference(state, a, b, 0.75, dtype))
+
+
+def test_dequantize_with_zero_lora_is_the_dequantization():
+    state = _state(33, 256)
+    ours = dequantize_nf4_lora(state, torch.randn(8, 256), torch.zeros(33, 8), 2.0, torch.float16)
+    assert torch.equal(ours, dequantize_nf4(state, torch.float16))
+
+
+def test_dequantize_with_lora_validates_inputs():
+    state = _state(8, 96)
+    with pytest.raises(ValueError, match=r"\[8, 96\]; needs 2-D with K % 64 == 0"):
+        dequantize_nf4_lora(state, torch.randn(4, 96), torch.randn(8, 4), 1.0, torch.float32)
+    state = _state(8, 128)
+    with pytest.raises(ValueError, match=r"lora_A is torch.float16 \[4, 128\]"):
+        dequantize_nf4_lora(state, torch.randn(4, 128).half(), torch.randn(8, 4), 1.0, torch.float32)
+    with pytest.raises(ValueError, match=r"lora_B is torch.float32 \[8, 3\].*expected contiguous float32 \[8, 4\]"):
+        dequantize_nf4_lora(state, torch.randn(4, 128), torch.randn(8, 3), 1.0, torch.float32)
 
 
 # ---- matmuls: fused GEMV (M <= SMALL_M, K % 64 == 0) and dequant + matmul otherwise ----
@@ -145,6 +186,16 @@ def test_dequantize_equals_reference_gpu(device, shape, dtype, nested):
     state = _state(*shape, nested=nested, device=device)
     ours, ref = dequantize_nf4(state, dtype), nf4.dequantize_nf4(state, dtype)
     assert torch.equal(ours, ref), f"max diff {(ours.float() - ref.float()).abs().max().item()}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,k,r", [(3072, 8192, 16), (1024, 3072, 16), (37, 192, 5), (8192, 3072, 64)])
+def test_dequantize_with_lora_matches_float64_gpu(device, n, k, r, dtype):
+    state = _state(n, k, device=device)
+    a, b = torch.randn(r, k, device=device) / k ** 0.5, torch.randn(n, r, device=device)
+    _assert_merged_close(dequantize_nf4_lora(state, a, b, 0.75, dtype), state, a, b, 0.75, f"{n}x{k} r={r} {dtype}")
+    assert torch.equal(dequantize_nf4_lora(state, a, torch.zeros_like(b), 0.75, dtype), dequantize_nf4(state, dtype))
 
 
 @pytest.mark.gpu
