@@ -120,6 +120,10 @@ def worker(args):
     loss, clip, fused AdamW, NaN guard with its host syncs), with CUDA-graph micro-steps ("minilora", the
     train.py default on a GPU) or eagerly ("minilora-eager")."""
     kept = args.uncheckpointed_blocks
+    if args.no_merge:  # A/B of the merged-weight LoRA node: every layer takes the LoRA-branch path instead
+        import kernels.lora
+
+        kernels.lora.MERGE_MIN_ROWS = sys.maxsize
     stack = {"minilora": lambda d, c: minilora_stack(d, c, kept), "minilora-eager": lambda d, c: minilora_stack(d, c, kept),
              "hf": hf_stack, "hf-lean": lambda d, c: hf_stack(d, c, recipe=False)}[args.worker]
     model, loss_fn, load_peak = stack(args.dir, args.ckpt == "on")
@@ -313,6 +317,8 @@ def main():
                         "'gemma-2b:0/11,llama3.2-3b:0/4'")
     parser.add_argument("--uncheckpointed-blocks", type=int, default=0, help=argparse.SUPPRESS)  # worker
     parser.add_argument("--no-table", action="store_true")
+    parser.add_argument("--no-merge", action="store_true", help="worker: minilora without the merged-weight LoRA "
+                        "node (kernels/lora.py MERGE_MIN_ROWS), for A/B runs")
     parser.add_argument("--workdir", default="/tmp/minilora-bench")
     parser.add_argument("--results", default=os.path.join(HERE, "RESULTS.md"))
     args = parser.parse_args()

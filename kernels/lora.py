@@ -14,10 +14,47 @@ the base GEMM's output with `addmm_` (beta = 1), the input gradient likewise, an
 are u (M, K) and xa (M, r). The frozen W is re-materialised in the backward from its packed NF4 form (a
 dequant is ~4x cheaper than keeping a bf16 copy around), or used as it is for a float base.
 
-Everything here is cuBLAS through torch; there is no Triton in this file. The reference is the composition
+Merged weight (no dropout, NF4 base on the Triton backend, more than MERGE_MIN_ROWS rows): since the base
+weight is dequantized for every use anyway, the dequantization adds the update in the same pass
+(`kernels/nf4_dequant.py` `dequantize_nf4_lora`), W' = W + s B A, and
+
+    y = x W'^T,    dx = g W'                (xa = x A^T is made in the backward, only for dB)
+
+so the forward has no LoRA GEMM at all and neither pass reads or writes the (M, N) / (M, K) output a
+second time; only x is saved. A recomputation (checkpointing) then costs just the base GEMM.
+
+Apart from that kernel, everything here is cuBLAS through torch. The reference is the composition
 `lora_linear_torch`. Test: tests/test_lora_fused.py. Used by minilora/lora.py on CUDA.
 """
 import torch
+
+# Below this many rows (decoding an adapter) the LoRA branch is cheaper than dequantizing a merged weight:
+# the base then takes the 4-bit GEMV (kernels/nf4_matmul.py).
+MERGE_MIN_ROWS = 64
+
+
+def _merges(base, rows, dropout_mask, device):
+    """Does the node fold B A into the dequantized weight? (see the module docstring)"""
+    if dropout_mask is not None or rows < MERGE_MIN_ROWS or not hasattr(base, "weight_packed"):
+        return False
+    from kernels.backend import resolve_backend
+
+    return resolve_backend(base.backend, device) == "triton" and base.in_features % 64 == 0
+
+
+def _base_matmul(x2, base, dtype):
+    """x2 @ W^T for the frozen base: the 4-bit matmul (GEMV for few rows) or a cast float weight."""
+    if hasattr(base, "weight_packed"):
+        from kernels.backend import matmul
+
+        return matmul(x2, base.state, base.backend)
+    return torch.mm(x2, base.weight.to(dtype).t())
+
+
+def _merged_weight(base, lora_A, lora_B, scaling, dtype):
+    from kernels.nf4_dequant import dequantize_nf4_lora
+
+    return dequantize_nf4_lora(base.state, lora_A.float().contiguous(), lora_B.float().contiguous(), scaling, dtype)
 
 
 def _base_weight(base, dtype):
@@ -45,22 +82,34 @@ class _LoRALinear(torch.autograd.Function):
         dtype = torch.get_autocast_dtype("cuda") if x.is_cuda and torch.is_autocast_enabled("cuda") else x.dtype
         x_dtype, shape = x.dtype, x.shape
         x2 = x.reshape(-1, shape[-1]).to(dtype)
+        ctx.base, ctx.scaling, ctx.dropout_p = base, scaling, dropout_p
+        ctx.dtypes = x_dtype, lora_A.dtype, lora_B.dtype
+        ctx.merged = _merges(base, x2.shape[0], dropout_mask, x.device)
+        if ctx.merged:
+            y = x2.new_empty(x2.shape[0], lora_B.shape[0])  # a recomputation's output is discarded: no GEMM
+            if output:
+                y = torch.mm(x2, _merged_weight(base, lora_A, lora_B, scaling, dtype).t())
+                if base.bias is not None:
+                    y += base.bias.to(dtype)
+            ctx.save_for_backward(x2, lora_A, lora_B)
+            return y.view(*shape[:-1], y.shape[-1])
         a, b = lora_A.to(dtype), lora_B.to(dtype)
         u = x2 if dropout_mask is None else x2 * dropout_mask.reshape(x2.shape).to(dtype) / (1 - dropout_p)
         xa = torch.mm(u, a.t())
         if output:
-            y = torch.mm(x2, _base_weight(base, dtype).t())
+            y = _base_matmul(x2, base, dtype)
             y.addmm_(xa, b.t(), alpha=scaling)
             if base.bias is not None:
                 y += base.bias.to(dtype)
         else:  # a recomputation that only needs what is saved for backward (u, xa): no base GEMM
             y = x2.new_empty(x2.shape[0], b.shape[0])
         ctx.save_for_backward(u, xa, a, b, dropout_mask)
-        ctx.base, ctx.scaling, ctx.dropout_p, ctx.dtypes = base, scaling, dropout_p, (x_dtype, lora_A.dtype, lora_B.dtype)
         return y.view(*shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_y):
+        if ctx.merged:
+            return _LoRALinear.merged_backward(ctx, grad_y)
         u, xa, a, b, mask = ctx.saved_tensors
         x_dtype, a_dtype, b_dtype = ctx.dtypes
         g = grad_y.reshape(-1, grad_y.shape[-1]).to(u.dtype)
@@ -74,6 +123,23 @@ class _LoRALinear(torch.autograd.Function):
                 grad_x.addmm_(dxa, a)
             else:
                 grad_x += torch.mm(dxa, a) * mask.reshape(grad_x.shape).to(u.dtype) / (1 - ctx.dropout_p)
+            grad_x = grad_x.view(*grad_y.shape[:-1], grad_x.shape[-1]).to(x_dtype)
+        return grad_x, grad_A.to(a_dtype), grad_B.to(b_dtype), None, None, None, None, None
+
+    @staticmethod
+    def merged_backward(ctx, grad_y):
+        """The same gradients with the merged weight: dx = g (W + s B A) in one GEMM."""
+        x2, lora_A, lora_B = ctx.saved_tensors
+        x_dtype, a_dtype, b_dtype = ctx.dtypes
+        g = grad_y.reshape(-1, grad_y.shape[-1]).to(x2.dtype)
+        a, b = lora_A.to(x2.dtype), lora_B.to(x2.dtype)
+        xa = torch.mm(x2, a.t())
+        grad_B = torch.mm(g.t(), xa).mul_(ctx.scaling)
+        dxa = torch.mm(g, b).mul_(ctx.scaling)
+        grad_A = torch.mm(dxa.t(), x2)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.mm(g, _merged_weight(ctx.base, lora_A, lora_B, ctx.scaling, x2.dtype))
             grad_x = grad_x.view(*grad_y.shape[:-1], grad_x.shape[-1]).to(x_dtype)
         return grad_x, grad_A.to(a_dtype), grad_B.to(b_dtype), None, None, None, None, None
 

@@ -108,6 +108,7 @@ class Regime:
     kernels: bool  # the Triton training kernels of kernels/ (RMSNorm, RoPE, GLU, fused loss): CUDA's default
     cuda: bool  # CUDA dropout keeps a bool mask (CPU: an fp32 noise); flash attention keeps its RNG state
     fused_lora: bool = False  # LoRALinear runs kernels/lora.py's fused node (lora.py `_fused`: CUDA, backend not torch)
+    merged_lora: bool = False  # ...and folds B A into the dequantized weight when it can (kernels/lora.py `_merges`)
 
     @staticmethod
     def of(device, dtype):
@@ -119,7 +120,8 @@ class Regime:
 
             backend = resolve_backend("auto", device)
             kernels, fused = backend == "triton", backend != "torch"
-        return Regime(act=2 if autocast else 4, autocast=autocast, kernels=kernels, cuda=cuda, fused_lora=fused)
+        return Regime(act=2 if autocast else 4, autocast=autocast, kernels=kernels, cuda=cuda, fused_lora=fused,
+                      merged_lora=kernels)
 
 
 def _lora_activations(width, out_width, r, N, dropout, reg, grad_x, input_saved):
@@ -127,6 +129,11 @@ def _lora_activations(width, out_width, r, N, dropout, reg, grad_x, input_saved)
     out) input, and A if h needs a gradient; u @ B^T keeps u = h A^T (r wide). `input_saved`: another
     op already keeps the same input tensor."""
     a = reg.act
+    if reg.merged_lora and not dropout and width % 64 == 0:
+        from kernels.lora import MERGE_MIN_ROWS
+
+        if N >= MERGE_MIN_ROWS:
+            return 0 if input_saved else N * width * a  # the merged-weight node keeps x alone
     if reg.fused_lora:
         # kernels/lora.py saves u (x itself, or its dropped-out copy and the bool mask), xa = u A^T, and the
         # compute-dtype copies of A and B, whether or not x needs a gradient

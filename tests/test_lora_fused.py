@@ -36,6 +36,27 @@ def test_fused_lora_matches_reference_fp32(kind, dropout):
     _compare(x, base, a, b, mask, dropout, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_merged_weight_path_matches_reference_fp32(monkeypatch, bias):
+    """No dropout, an NF4 base on the Triton backend and >= MERGE_MIN_ROWS rows: the node multiplies by W + s B A
+    (kernels/nf4_dequant.py, CPU interpreter) in the forward and the input gradient; same numbers as the reference."""
+    import kernels.lora as fused
+    import kernels.nf4_dequant as dequant
+
+    calls = []
+    real = dequant.dequantize_nf4_lora
+    monkeypatch.setattr(dequant, "dequantize_nf4_lora", lambda *a: calls.append(a[0].shape) or real(*a))
+    M, K, N, r = fused.MERGE_MIN_ROWS + 3, 192, 37, 5
+    linear = nn.Linear(K, N, bias=bias)
+    base = Linear4bit.from_weight(linear.weight.detach(), linear.bias, dtype=torch.float32, backend="triton")
+    x, a, b = torch.randn(M, K), torch.randn(r, K) / K ** 0.5, torch.randn(N, r)
+    _compare(x, base, a, b, None, 0.0, atol=1e-5, rtol=1e-5)
+    assert calls == [torch.Size((N, K))] * 2  # forward and dx, nothing else dequantized the weight
+    calls.clear()
+    _compare(x[:fused.MERGE_MIN_ROWS - 1], base, a, b, None, 0.0, atol=1e-5, rtol=1e-5)  # few rows: LoRA branch
+    assert calls == []
+
+
 def test_shapes_are_checked():
     base = _base("float", 8, 6, bias=False, device="cpu")
     with pytest.raises(ValueError, match="do not chain"):
