@@ -23,6 +23,7 @@ def main():
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--rows", type=int, default=25)
+    parser.add_argument("--shapes", action="store_true", help="group by input shapes, one compact line per op")
     parser.add_argument("--workdir", default="/tmp/minilora-bench")
     args = parser.parse_args()
     directory = os.path.join(args.workdir, args.model)
@@ -42,14 +43,18 @@ def main():
         step()
     torch.cuda.synchronize()
     start = time.perf_counter()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA],
+                                record_shapes=args.shapes) as prof:
         step()
         torch.cuda.synchronize()
     wall = time.perf_counter() - start
-    events = prof.key_averages()
+    events = prof.key_averages(group_by_input_shape=args.shapes)
     gpu_total = sum(e.self_device_time_total for e in events) / 1e3
     print(f"step wall {wall * 1e3:.1f} ms (profiled), GPU busy {gpu_total:.1f} ms")
+    if args.shapes:  # compact: GPU ms, calls, name, input shapes and dtypes of the ops that launch kernels
+        for e in sorted(events, key=lambda e: -e.self_device_time_total)[:args.rows]:
+            print(f"{e.self_device_time_total / 1e3:8.2f} ms {e.count:5d}  {e.key[:60]:60s} {e.input_shapes}")
+        return
     print(events.table(sort_by="self_cuda_time_total", row_limit=args.rows, max_name_column_width=60))
     print(events.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60))
 

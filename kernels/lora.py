@@ -76,7 +76,7 @@ def lora_linear_torch(x, base, lora_A, lora_B, scaling, dropout_mask=None, dropo
 
 class _LoRALinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, lora_A, lora_B, base, scaling, dropout_mask, dropout_p, output):
+    def forward(ctx, x, lora_A, lora_B, base, scaling, dropout_mask, dropout_p, output, keep_weight):
         # Under autocast every matmul here would run in the autocast dtype anyway; casting once up front lets
         # the ops below run with plain dtypes (no per-op autocast casts, no context-manager overhead).
         dtype = torch.get_autocast_dtype("cuda") if x.is_cuda and torch.is_autocast_enabled("cuda") else x.dtype
@@ -88,7 +88,10 @@ class _LoRALinear(torch.autograd.Function):
         if ctx.merged:
             y = x2.new_empty(x2.shape[0], lora_B.shape[0])  # a recomputation's output is discarded: no GEMM
             if output:
-                y = torch.mm(x2, _merged_weight(base, lora_A, lora_B, scaling, dtype).t())
+                w = _merged_weight(base, lora_A, lora_B, scaling, dtype)
+                y = torch.mm(x2, w.t())
+                if keep_weight:  # a recomputation, right before this layer's backward: keep W' for its dx
+                    base.kept_merged_weight = (lora_A._version, lora_B._version, w)
                 if base.bias is not None:
                     y += base.bias.to(dtype)
             ctx.save_for_backward(x2, lora_A, lora_B)
@@ -124,13 +127,21 @@ class _LoRALinear(torch.autograd.Function):
             else:
                 grad_x += torch.mm(dxa, a) * mask.reshape(grad_x.shape).to(u.dtype) / (1 - ctx.dropout_p)
             grad_x = grad_x.view(*grad_y.shape[:-1], grad_x.shape[-1]).to(x_dtype)
-        return grad_x, grad_A.to(a_dtype), grad_B.to(b_dtype), None, None, None, None, None
+        return grad_x, grad_A.to(a_dtype), grad_B.to(b_dtype), None, None, None, None, None, None
 
     @staticmethod
     def merged_backward(ctx, grad_y):
         """The same gradients with the merged weight: dx = g (W + s B A) in one GEMM."""
         x2, lora_A, lora_B = ctx.saved_tensors
         x_dtype, a_dtype, b_dtype = ctx.dtypes
+        # A checkpoint recomputation ran the forward again just now, on other autograd nodes (non-reentrant
+        # checkpointing keeps only their saved tensors), so its W' is handed over on the layer, checked against
+        # the versions of A and B it was made from (an optimizer step in between would make it stale).
+        kept, w = getattr(ctx.base, "kept_merged_weight", None), None
+        if kept is not None:
+            ctx.base.kept_merged_weight = None
+            if kept[:2] == (lora_A._version, lora_B._version) and kept[2].dtype == x2.dtype:
+                w = kept[2]
         g = grad_y.reshape(-1, grad_y.shape[-1]).to(x2.dtype)
         a, b = lora_A.to(x2.dtype), lora_B.to(x2.dtype)
         xa = torch.mm(x2, a.t())
@@ -139,16 +150,19 @@ class _LoRALinear(torch.autograd.Function):
         grad_A = torch.mm(dxa.t(), x2)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.mm(g, _merged_weight(ctx.base, lora_A, lora_B, ctx.scaling, x2.dtype))
+            w = w if w is not None else _merged_weight(ctx.base, lora_A, lora_B, ctx.scaling, x2.dtype)
+            grad_x = torch.mm(g, w)
             grad_x = grad_x.view(*grad_y.shape[:-1], grad_x.shape[-1]).to(x_dtype)
-        return grad_x, grad_A.to(a_dtype), grad_B.to(b_dtype), None, None, None, None, None
+        return grad_x, grad_A.to(a_dtype), grad_B.to(b_dtype), None, None, None, None, None, None
 
 
-def lora_linear(x, base, lora_A, lora_B, scaling, dropout_mask=None, dropout_p=0.0, output=True):
+def lora_linear(x, base, lora_A, lora_B, scaling, dropout_mask=None, dropout_p=0.0, output=True, keep_weight=False):
     """Fused base(x) + s * (dropout(x) @ A^T) @ B^T. `base` is a frozen nn.Linear or minilora Linear4bit;
     `dropout_mask` (x's shape, bool) or None. Under CUDA autocast everything runs in the autocast dtype.
     output=False returns an uninitialised tensor of the output's shape and skips the base GEMM, for a
-    gradient-checkpoint recomputation whose output is discarded: the backward is unchanged."""
+    gradient-checkpoint recomputation whose output is discarded: the backward is unchanged. keep_weight=True (a
+    recomputation, whose backward follows at once) keeps a merged W' from the forward for the backward's dx
+    instead of dequantizing it again: one layer's weights in the compute dtype, briefly."""
     if x.shape[-1] != lora_A.shape[1] or lora_B.shape[1] != lora_A.shape[0]:
         raise ValueError(f"lora_linear: x (..., {x.shape[-1]}), lora_A {tuple(lora_A.shape)}, lora_B "
                          f"{tuple(lora_B.shape)} do not chain (need A (r, K), B (N, r), x (..., K))")
@@ -156,4 +170,4 @@ def lora_linear(x, base, lora_A, lora_B, scaling, dropout_mask=None, dropout_p=0
         raise ValueError(f"lora_linear: dropout_mask {tuple(dropout_mask.shape)} must have x's shape {tuple(x.shape)}")
     if not 0 <= dropout_p < 1:
         raise ValueError(f"lora_linear: dropout_p={dropout_p}, expected 0 <= p < 1")
-    return _LoRALinear.apply(x, lora_A, lora_B, base, scaling, dropout_mask, dropout_p, output)
+    return _LoRALinear.apply(x, lora_A, lora_B, base, scaling, dropout_mask, dropout_p, output, keep_weight)

@@ -127,7 +127,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     _LORA_CONFIGS = [triton.Config({"BLOCK_N": 16, "BLOCK_K": 128})]
 else:  # H200, Llama-3.2-3B shapes
     _LORA_CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w)
-                     for n, k, w in [(32, 256, 4), (64, 128, 4), (64, 256, 8), (128, 128, 8), (32, 512, 8)]]
+                     for n, k, w in [(32, 128, 4), (32, 256, 4), (64, 64, 4)]]
 
 
 def dequantize_nf4_lora_reference(state: NF4State, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
@@ -163,7 +163,9 @@ def _dequantize_nf4_lora_kernel(packed_ptr, absmax_ptr, nested_absmax_ptr, neste
     ranks = tl.arange(0, BLOCK_R)
     b = tl.load(b_ptr + rows[:, None] * R + ranks[None, :], mask=(rows < N)[:, None] & (ranks < R)[None, :], other=0.0)
     a = tl.load(a_ptr + ranks[:, None] * K + cols[None, :], mask=(ranks < R)[:, None] & (cols < K)[None, :], other=0.0)
-    w += scaling * tl.dot(b, a, input_precision=PRECISION)
+    # the decoded tile as the dot's accumulator: one layout change instead of converting the dot's result
+    # (35 vs 38 us at 3072 x 8192 on an H200, benchmarks/dequant_lora.py; the decode alone takes 23)
+    w = tl.dot(b, a * scaling, acc=w, input_precision=PRECISION)
     mask = (rows < N)[:, None] & (cols < K)[None, :]
     tl.store(out_ptr + rows[:, None] * K + cols[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
 

@@ -57,6 +57,7 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.merged = False
         self.output_unused = False  # set by model.Block while recomputing a block whose output is discarded
+        self.keep_weight = False  # set by model.Block while recomputing: its backward follows at once
 
     def forward(self, x):
         if _fused(x) and not self.merged:  # one autograd node, LoRA accumulated into the base GEMM (kernels/lora.py)
@@ -66,7 +67,7 @@ class LoRALinear(nn.Module):
             if self.training and self.dropout_p > 0:
                 mask = torch.rand_like(x, dtype=torch.float32) >= self.dropout_p
             return lora_linear(x, self.base_layer, self.lora_A, self.lora_B, self.scaling, mask, self.dropout_p,
-                               output=not self.output_unused)
+                               output=not self.output_unused, keep_weight=self.keep_weight)
         out = self.base_layer(x)
         if self.merged:
             return out

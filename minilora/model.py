@@ -186,19 +186,28 @@ class Block(nn.Module):
         self.sandwich = config.sandwich_norms
 
     def forward(self, x, cos, sin, mask, cache=None, recomputing=False):
+        if recomputing:
+            return self.recompute(x, cos, sin, mask)
         if self.sandwich:
             x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, mask, cache))
             return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
-        if not recomputing:  # every forward outside a recomputation (generation, compiled steps) stays as it is
-            return x + self.mlp(self.post_attention_layernorm(x))
-        # A gradient-checkpoint recomputation keeps only what the backward saves. down_proj's output feeds nothing
-        # but the discarded block output here (in Gemma 2/3 a norm saves it, hence not there), so a LoRA
-        # down_proj skips its base GEMM: a fifth of the block's forward FLOPs at Llama shapes.
-        self.mlp.down_proj.output_unused = True
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def recompute(self, x, cos, sin, mask):
+        """The forward again, for a gradient checkpoint; only what it saves for the backward that follows counts.
+        down_proj's output feeds nothing but the discarded block output (in Gemma 2/3 a norm saves it, hence not
+        there), so a LoRA down_proj skips its base GEMM, a fifth of the block's forward FLOPs at Llama shapes; and
+        the LoRA layers keep the merged weight they make for the backward (kernels/lora.py `keep_weight`)."""
+        lora = [m for m in self.modules() if hasattr(m, "keep_weight")]
+        for m in lora:
+            m.keep_weight = True
+        self.mlp.down_proj.output_unused = not self.sandwich
         try:
-            return x + self.mlp(self.post_attention_layernorm(x))
+            return self.forward(x, cos, sin, mask)
         finally:
+            for m in lora:
+                m.keep_weight = False
             self.mlp.down_proj.output_unused = False
 
 

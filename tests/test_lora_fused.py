@@ -127,3 +127,53 @@ def test_checkpoint_recompute_skips_the_discarded_down_proj_gemm(monkeypatch, tm
         assert skipped == (model.config.num_hidden_layers if checkpointing else 0), calls
     for got, want in zip(grads[True], grads[False]):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_checkpoint_recompute_hands_its_merged_weight_to_the_backward(monkeypatch, tmp_path):
+    """Merged-weight nodes (NF4 on the Triton backend, CPU interpreter, no dropout, >= MERGE_MIN_ROWS rows): under
+    gradient checkpointing the recomputation's W + s B A serves the backward's dx, so each merged layer dequantizes
+    twice a step, as without checkpointing, not three times; the gradients equal the un-checkpointed step's. A kept
+    weight made stale by an optimizer step is not used."""
+    import kernels.lora as fused
+    import kernels.nf4_dequant as dequant
+    import minilora.lora as lora
+    from minilora.loading import load_model
+    from tiny import make_checkpoint
+
+    make_checkpoint("llama", tmp_path)  # hidden 64: q/k/v/o/gate/up merge; down_proj (in 96) takes the LoRA branch
+    model, _ = load_model(str(tmp_path), quantize="nf4", backend="triton")
+    lora.apply_lora(model, 4, 8)
+    for m in lora.lora_modules(model).values():
+        nn.init.normal_(m.lora_B, std=0.1)
+    model.train()
+    monkeypatch.setattr(lora, "_fused", lambda x: True)
+    calls = []
+    real = dequant.dequantize_nf4_lora
+    monkeypatch.setattr(dequant, "dequantize_nf4_lora", lambda *a: calls.append(a[0].shape) or real(*a))
+    ids = torch.randint(0, model.config.vocab_size, (2, fused.MERGE_MIN_ROWS // 2 + 1),
+                        generator=torch.Generator().manual_seed(0))
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = {}
+    merged_layers = 6 * model.config.num_hidden_layers
+    for checkpointing in (False, True):
+        model.gradient_checkpointing = checkpointing
+        model.zero_grad(set_to_none=True)
+        calls.clear()
+        model.loss(ids[:, :-1], ids[:, 1:]).backward()
+        grads[checkpointing] = [p.grad.clone() for p in params]
+        # forward (and recomputation) once per merged layer, dx once per merged layer but block 0's q/k/v (their
+        # input, the frozen embedding's output, needs no gradient); without the hand-over: + 6 per block
+        assert len(calls) == 2 * merged_layers - (0 if checkpointing else 3), (checkpointing, len(calls))
+    for got, want in zip(grads[True], grads[False]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # a weight kept by a recomputation whose backward never ran, then an optimizer step: made again, not reused
+    q_proj = model.model.layers[0].self_attn.q_proj
+    stale = torch.full((q_proj.out_features, q_proj.in_features), float("nan"))
+    q_proj.base_layer.kept_merged_weight = (q_proj.lora_A._version, q_proj.lora_B._version, stale)
+    with torch.no_grad():
+        q_proj.lora_A.add_(0.01)
+    model.gradient_checkpointing = False
+    model.zero_grad(set_to_none=True)
+    model.loss(ids[:, :-1], ids[:, 1:]).backward()
+    assert all(torch.isfinite(p.grad).all() for p in params)
+    assert q_proj.base_layer.kept_merged_weight is None
