@@ -24,6 +24,7 @@ def main():
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--rows", type=int, default=25)
     parser.add_argument("--shapes", action="store_true", help="group by input shapes, one compact line per op")
+    parser.add_argument("--graphed", action="store_true", help="profile the trainer's CUDA-graph step instead")
     parser.add_argument("--workdir", default="/tmp/minilora-bench")
     args = parser.parse_args()
     directory = os.path.join(args.workdir, args.model)
@@ -39,6 +40,18 @@ def main():
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    if args.graphed:  # the trainer's own step, as benchmarks/train_step.py times it: CUDA-graph micro-steps
+        from minilora.config import TrainConfig
+        from minilora.trainer import GraphedMicroSteps, optimizer_step
+
+        config = TrainConfig(max_grad_norm=0.3, pack=False)
+        graphed = GraphedMicroSteps(model, params, False, torch.bfloat16, 0)
+        batch = {"input_ids": ids, "labels": labels}
+
+        def step():  # noqa: F811
+            optimizer_step(model, optimizer, params, [batch], 2e-4, config, torch.device("cuda"), torch.bfloat16,
+                           graphed)
+
     for _ in range(3):
         step()
     torch.cuda.synchronize()
@@ -49,8 +62,11 @@ def main():
         torch.cuda.synchronize()
     wall = time.perf_counter() - start
     events = prof.key_averages(group_by_input_shape=args.shapes)
-    gpu_total = sum(e.self_device_time_total for e in events) / 1e3
-    print(f"step wall {wall * 1e3:.1f} ms (profiled), GPU busy {gpu_total:.1f} ms")
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy = sum(e.device_time for e in kernels) / 1e3
+    span = (max(e.time_range.end for e in kernels) - min(e.time_range.start for e in kernels)) / 1e3
+    print(f"step wall {wall * 1e3:.1f} ms (profiled); {len(kernels)} kernels, {busy:.1f} ms busy over a {span:.1f} ms "
+          "span from the first kernel to the last")
     if args.shapes:  # compact: GPU ms, calls, name, input shapes and dtypes of the ops that launch kernels
         for e in sorted(events, key=lambda e: -e.self_device_time_total)[:args.rows]:
             print(f"{e.self_device_time_total / 1e3:8.2f} ms {e.count:5d}  {e.key[:60]:60s} {e.input_shapes}")

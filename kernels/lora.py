@@ -57,6 +57,18 @@ def _merged_weight(base, lora_A, lora_B, scaling, dtype):
     return dequantize_nf4_lora(base.state, lora_A.float().contiguous(), lora_B.float().contiguous(), scaling, dtype)
 
 
+def _scaled(t, scaling, dtype):
+    """scaling * t in `dtype`, in one pass (t fp32: the multiply in fp32, one rounding)."""
+    return torch.mul(t, scaling, out=torch.empty(t.shape, dtype=dtype, device=t.device))
+
+
+def _mm_float32(a, b):
+    """a @ b as fp32; on CUDA cuBLAS stores its fp32 accumulator as it is (no rounding to a's dtype and back)."""
+    if a.is_cuda and a.dtype != torch.float32:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.mm(a, b).float()
+
+
 def _base_weight(base, dtype):
     """The frozen base weight (N, K) in `dtype`: dequantized for a 4-bit layer, cast for an nn.Linear."""
     if hasattr(base, "weight_packed"):
@@ -143,11 +155,13 @@ class _LoRALinear(torch.autograd.Function):
             if kept[:2] == (lora_A._version, lora_B._version) and kept[2].dtype == x2.dtype:
                 w = kept[2]
         g = grad_y.reshape(-1, grad_y.shape[-1]).to(x2.dtype)
-        a, b = lora_A.to(x2.dtype), lora_B.to(x2.dtype)
-        xa = torch.mm(x2, a.t())
-        grad_B = torch.mm(g.t(), xa).mul_(ctx.scaling)
-        dxa = torch.mm(g, b).mul_(ctx.scaling)
-        grad_A = torch.mm(dxa.t(), x2)
+        # s folded into the compute-dtype copies of A and B (one kernel each: xa_s = s x A^T, dxa = s g B), and
+        # the LoRA gradients written in fp32 by the GEMM itself: no separate scale or cast passes
+        a_s, b_s = _scaled(lora_A, ctx.scaling, x2.dtype), _scaled(lora_B, ctx.scaling, x2.dtype)
+        xa_s = torch.mm(x2, a_s.t())
+        grad_B = _mm_float32(g.t(), xa_s)
+        dxa = torch.mm(g, b_s)
+        grad_A = _mm_float32(dxa.t(), x2)
         grad_x = None
         if ctx.needs_input_grad[0]:
             w = w if w is not None else _merged_weight(ctx.base, lora_A, lora_B, ctx.scaling, x2.dtype)
