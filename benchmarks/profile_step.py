@@ -63,7 +63,7 @@ def main():
     wall = time.perf_counter() - start
     events = prof.key_averages(group_by_input_shape=args.shapes)
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    busy = sum(e.device_time for e in kernels) / 1e3
+    busy = sum(e.time_range.elapsed_us() for e in kernels) / 1e3
     span = (max(e.time_range.end for e in kernels) - min(e.time_range.start for e in kernels)) / 1e3
     print(f"step wall {wall * 1e3:.1f} ms (profiled); {len(kernels)} kernels, {busy:.1f} ms busy over a {span:.1f} ms "
           "span from the first kernel to the last")
