@@ -21,12 +21,15 @@ weight is dequantized for every use anyway, the dequantization adds the update i
     y = x W'^T,    dx = g W'                (xa = x A^T is made in the backward, only for dB)
 
 so the forward has no LoRA GEMM at all and neither pass reads or writes the (M, N) / (M, K) output a
-second time; only x is saved. A recomputation (checkpointing) then costs just the base GEMM.
+second time; only x is saved. A recomputation (checkpointing) then costs just the base GEMM. dA and dB come
+from two Triton launches (`kernels/lora_backward.py`) instead of skinny cuBLAS GEMMs, casts and scalings.
 
-Apart from that kernel, everything here is cuBLAS through torch. The reference is the composition
+Apart from those kernels, everything here is cuBLAS through torch. The reference is the composition
 `lora_linear_torch`. Test: tests/test_lora_fused.py. Used by minilora/lora.py on CUDA.
 """
 import torch
+
+from kernels.lora_backward import lora_grads
 
 # Below this many rows (decoding an adapter) the LoRA branch is cheaper than dequantizing a merged weight:
 # the base then takes the 4-bit GEMV (kernels/nf4_matmul.py).
@@ -55,18 +58,6 @@ def _merged_weight(base, lora_A, lora_B, scaling, dtype):
     from kernels.nf4_dequant import dequantize_nf4_lora
 
     return dequantize_nf4_lora(base.state, lora_A.float().contiguous(), lora_B.float().contiguous(), scaling, dtype)
-
-
-def _scaled(t, scaling, dtype):
-    """scaling * t in `dtype`, in one pass (t fp32: the multiply in fp32, one rounding)."""
-    return torch.mul(t, scaling, out=torch.empty(t.shape, dtype=dtype, device=t.device))
-
-
-def _mm_float32(a, b):
-    """a @ b as fp32; on CUDA cuBLAS stores its fp32 accumulator as it is (no rounding to a's dtype and back)."""
-    if a.is_cuda and a.dtype != torch.float32:
-        return torch.mm(a, b, out_dtype=torch.float32)
-    return torch.mm(a, b).float()
 
 
 def _base_weight(base, dtype):
@@ -154,14 +145,9 @@ class _LoRALinear(torch.autograd.Function):
             ctx.base.kept_merged_weight = None
             if kept[:2] == (lora_A._version, lora_B._version) and kept[2].dtype == x2.dtype:
                 w = kept[2]
-        g = grad_y.reshape(-1, grad_y.shape[-1]).to(x2.dtype)
-        # s folded into the compute-dtype copies of A and B (one kernel each: xa_s = s x A^T, dxa = s g B), and
-        # the LoRA gradients written in fp32 by the GEMM itself: no separate scale or cast passes
-        a_s, b_s = _scaled(lora_A, ctx.scaling, x2.dtype), _scaled(lora_B, ctx.scaling, x2.dtype)
-        xa_s = torch.mm(x2, a_s.t())
-        grad_B = _mm_float32(g.t(), xa_s)
-        dxa = torch.mm(g, b_s)
-        grad_A = _mm_float32(dxa.t(), x2)
+        g = grad_y.reshape(-1, grad_y.shape[-1]).to(x2.dtype).contiguous()
+        # dA and dB in two Triton launches (kernels/lora_backward.py) instead of ~12 small cuBLAS and cast kernels
+        grad_A, grad_B = lora_grads(x2.contiguous(), g, lora_A.float(), lora_B.float(), ctx.scaling)
         grad_x = None
         if ctx.needs_input_grad[0]:
             w = w if w is not None else _merged_weight(ctx.base, lora_A, lora_B, ctx.scaling, x2.dtype)
