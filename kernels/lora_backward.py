@@ -49,20 +49,20 @@ def _lora_grad_inputs_kernel(x_ptr, g_ptr, a_ptr, b_ptr, xa_ptr, dxa_ptr, M, K, 
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     if tl.program_id(1) == 0:  # xa_s = s x A^T: the inner dimension is K, A read as (BLOCK, R) = A^T's tile
         for k0 in tl.range(0, K, BLOCK):
-            cols = k0 + inner
-            x = tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=(rows < M)[:, None] & (cols < K)[None, :],
-                        other=0.0)
-            a_t = tl.load(a_ptr + ranks[None, :] * K + cols[:, None], mask=(cols < K)[:, None] & (ranks < R)[None, :],
-                          other=0.0)
+            k_cols = k0 + inner
+            x = tl.load(x_ptr + rows[:, None] * K + k_cols[None, :],
+                        mask=(rows < M)[:, None] & (k_cols < K)[None, :], other=0.0)
+            a_t = tl.load(a_ptr + ranks[None, :] * K + k_cols[:, None],
+                          mask=(k_cols < K)[:, None] & (ranks < R)[None, :], other=0.0)
             acc = tl.dot(x, a_t.to(x.dtype), acc, input_precision=PRECISION)
         out_ptr = xa_ptr
     else:  # dxa = s g B: the inner dimension is N
         for n0 in tl.range(0, N, BLOCK):
-            cols = n0 + inner
-            g = tl.load(g_ptr + rows[:, None] * N + cols[None, :], mask=(rows < M)[:, None] & (cols < N)[None, :],
-                        other=0.0)
-            b = tl.load(b_ptr + cols[:, None] * R + ranks[None, :], mask=(cols < N)[:, None] & (ranks < R)[None, :],
-                        other=0.0)
+            n_cols = n0 + inner
+            g = tl.load(g_ptr + rows[:, None] * N + n_cols[None, :],
+                        mask=(rows < M)[:, None] & (n_cols < N)[None, :], other=0.0)
+            b = tl.load(b_ptr + n_cols[:, None] * R + ranks[None, :],
+                        mask=(n_cols < N)[:, None] & (ranks < R)[None, :], other=0.0)
             acc = tl.dot(g, b.to(g.dtype), acc, input_precision=PRECISION)
         out_ptr = dxa_ptr
     mask = (rows < M)[:, None] & (ranks < R)[None, :]
@@ -78,28 +78,31 @@ def _lora_grad_weights_kernel(x_ptr, g_ptr, xa_ptr, dxa_ptr, da_ptr, db_ptr, M, 
     n_tiles = tl.cdiv(N, BLOCK)
     ranks = tl.arange(0, BLOCK_R)
     steps = tl.arange(0, BLOCK_M)
-    if pid < n_tiles:  # dB[cols] = g[:, cols]^T xa_s, reduced over all M rows
-        cols = pid * BLOCK + tl.arange(0, BLOCK)
-        acc = tl.zeros((BLOCK, BLOCK_R), dtype=tl.float32)
+    # (each branch names its own variables: the compiler unifies same-named ones across the branches)
+    if pid < n_tiles:  # dB[n_cols] = g[:, n_cols]^T xa_s, reduced over all M rows
+        n_cols = pid * BLOCK + tl.arange(0, BLOCK)
+        acc_b = tl.zeros((BLOCK, BLOCK_R), dtype=tl.float32)
         for m0 in tl.range(0, M, BLOCK_M):
-            rows = m0 + steps
-            g = tl.load(g_ptr + rows[:, None] * N + cols[None, :], mask=(rows < M)[:, None] & (cols < N)[None, :],
-                        other=0.0)
-            xa = tl.load(xa_ptr + rows[:, None] * R + ranks[None, :], mask=(rows < M)[:, None] & (ranks < R)[None, :],
-                         other=0.0)
-            acc = tl.dot(tl.trans(g), xa.to(g.dtype), acc, input_precision=PRECISION)
-        tl.store(db_ptr + cols[:, None] * R + ranks[None, :], acc, mask=(cols < N)[:, None] & (ranks < R)[None, :])
-    else:  # dA[:, cols] = dxa^T x[:, cols]
-        cols = (pid - n_tiles) * BLOCK + tl.arange(0, BLOCK)
-        acc = tl.zeros((BLOCK_R, BLOCK), dtype=tl.float32)
+            g_rows = m0 + steps
+            g = tl.load(g_ptr + g_rows[:, None] * N + n_cols[None, :],
+                        mask=(g_rows < M)[:, None] & (n_cols < N)[None, :], other=0.0)
+            xa = tl.load(xa_ptr + g_rows[:, None] * R + ranks[None, :],
+                         mask=(g_rows < M)[:, None] & (ranks < R)[None, :], other=0.0)
+            acc_b = tl.dot(tl.trans(g), xa.to(g.dtype), acc_b, input_precision=PRECISION)
+        tl.store(db_ptr + n_cols[:, None] * R + ranks[None, :], acc_b,
+                 mask=(n_cols < N)[:, None] & (ranks < R)[None, :])
+    else:  # dA[:, k_cols] = dxa^T x[:, k_cols]
+        k_cols = (pid - n_tiles) * BLOCK + tl.arange(0, BLOCK)
+        acc_a = tl.zeros((BLOCK_R, BLOCK), dtype=tl.float32)
         for m0 in tl.range(0, M, BLOCK_M):
-            rows = m0 + steps
-            x = tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=(rows < M)[:, None] & (cols < K)[None, :],
-                        other=0.0)
-            dxa = tl.load(dxa_ptr + rows[:, None] * R + ranks[None, :],
-                          mask=(rows < M)[:, None] & (ranks < R)[None, :], other=0.0)
-            acc = tl.dot(tl.trans(dxa.to(x.dtype)), x, acc, input_precision=PRECISION)
-        tl.store(da_ptr + ranks[:, None] * K + cols[None, :], acc, mask=(ranks < R)[:, None] & (cols < K)[None, :])
+            x_rows = m0 + steps
+            x = tl.load(x_ptr + x_rows[:, None] * K + k_cols[None, :],
+                        mask=(x_rows < M)[:, None] & (k_cols < K)[None, :], other=0.0)
+            dxa = tl.load(dxa_ptr + x_rows[:, None] * R + ranks[None, :],
+                          mask=(x_rows < M)[:, None] & (ranks < R)[None, :], other=0.0)
+            acc_a = tl.dot(tl.trans(dxa.to(x.dtype)), x, acc_a, input_precision=PRECISION)
+        tl.store(da_ptr + ranks[:, None] * K + k_cols[None, :], acc_a,
+                 mask=(ranks < R)[:, None] & (k_cols < K)[None, :])
 
 
 def _check(x, g, lora_A, lora_B):
