@@ -2,8 +2,8 @@
 
 Formula (kernels/lora.py derives it), x (M, K), g = dL/dy (M, N), A (r, K), B (N, r), fp32 A and B:
 
-    launch 1 (`lora_grad_inputs`):   xa_s = s x A^T   (M, r),   dxa = s g B   (M, r)
-    launch 2 (`lora_grad_weights`):  dB = g^T xa_s    (N, r),   dA = dxa^T x  (r, K)
+    launch 1 (`_lora_grad_inputs_kernel`):   xa_s = s x A^T   (M, r),   dxa = s g B   (M, r)
+    launch 2 (`_lora_grad_weights_kernel`):  dB = g^T xa_s    (N, r),   dA = dxa^T x  (r, K)
 
 Why: built from torch ops this is four skinny cuBLAS GEMMs (most with a split-K reduction kernel), two casts of A
 and B to the compute dtype and two scalings: ~12 small kernels a layer, whose launch gaps cost as much as their
@@ -13,8 +13,9 @@ to x's dtype in registers, and the gradients are written in fp32 straight from t
 Layout: x and g contiguous (rows of M), any float dtype (both the same); the matmuls run on the tensor cores in
 that dtype (fp32 x: IEEE fp32) with fp32 accumulation; xa_s and dxa are kept in fp32 and rounded to x's dtype
 when they enter launch 2, as the torch path rounds them. Launch 1: one program per BLOCK_M rows and product;
-launch 2: one program per BLOCK tile of N (dB) or of K (dA), each reducing over all M rows: no atomics, so
-the result does not depend on scheduling. r is padded to a power of two >= 16 with zeros.
+launch 2: one program per BLOCK tile of N (dB) or of K (dA) and quarter of the rows, the four partial sums
+added in a fixed order after it: no atomics, so the result does not depend on scheduling. r is padded to a
+power of two >= 16 with zeros.
 Reference: `lora_grads_reference` (float64). Test: tests/test_lora_backward.py. Used by kernels/lora.py.
 """
 from __future__ import annotations
@@ -24,6 +25,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+SPLITS = 4  # row splits of launch 2 (an H200 has 132 SMs; ~100 column tiles at 3072 wide)
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     _CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK": 32})]
@@ -78,28 +81,34 @@ def _lora_grad_weights_kernel(x_ptr, g_ptr, xa_ptr, dxa_ptr, da_ptr, db_ptr, M, 
     n_tiles = tl.cdiv(N, BLOCK)
     ranks = tl.arange(0, BLOCK_R)
     steps = tl.arange(0, BLOCK_M)
+    # this program's share of the rows (split across grid axis 1; the caller sums the partial results)
+    chunk = tl.cdiv(tl.cdiv(M, tl.num_programs(1)), BLOCK_M) * BLOCK_M
+    m_start = tl.program_id(1) * chunk
+    m_end = tl.minimum(m_start + chunk, M)
+    da_ptr += tl.program_id(1) * R * K
+    db_ptr += tl.program_id(1) * N * R
     # (each branch names its own variables: the compiler unifies same-named ones across the branches)
     if pid < n_tiles:  # dB[n_cols] = g[:, n_cols]^T xa_s, reduced over all M rows
         n_cols = pid * BLOCK + tl.arange(0, BLOCK)
         acc_b = tl.zeros((BLOCK, BLOCK_R), dtype=tl.float32)
-        for m0 in tl.range(0, M, BLOCK_M):
+        for m0 in tl.range(m_start, m_end, BLOCK_M):
             g_rows = m0 + steps
             g = tl.load(g_ptr + g_rows[:, None] * N + n_cols[None, :],
-                        mask=(g_rows < M)[:, None] & (n_cols < N)[None, :], other=0.0)
+                        mask=(g_rows < m_end)[:, None] & (n_cols < N)[None, :], other=0.0)
             xa = tl.load(xa_ptr + g_rows[:, None] * R + ranks[None, :],
-                         mask=(g_rows < M)[:, None] & (ranks < R)[None, :], other=0.0)
+                         mask=(g_rows < m_end)[:, None] & (ranks < R)[None, :], other=0.0)
             acc_b = tl.dot(tl.trans(g), xa.to(g.dtype), acc_b, input_precision=PRECISION)
         tl.store(db_ptr + n_cols[:, None] * R + ranks[None, :], acc_b,
                  mask=(n_cols < N)[:, None] & (ranks < R)[None, :])
     else:  # dA[:, k_cols] = dxa^T x[:, k_cols]
         k_cols = (pid - n_tiles) * BLOCK + tl.arange(0, BLOCK)
         acc_a = tl.zeros((BLOCK_R, BLOCK), dtype=tl.float32)
-        for m0 in tl.range(0, M, BLOCK_M):
+        for m0 in tl.range(m_start, m_end, BLOCK_M):
             x_rows = m0 + steps
             x = tl.load(x_ptr + x_rows[:, None] * K + k_cols[None, :],
-                        mask=(x_rows < M)[:, None] & (k_cols < K)[None, :], other=0.0)
+                        mask=(x_rows < m_end)[:, None] & (k_cols < K)[None, :], other=0.0)
             dxa = tl.load(dxa_ptr + x_rows[:, None] * R + ranks[None, :],
-                          mask=(x_rows < M)[:, None] & (ranks < R)[None, :], other=0.0)
+                          mask=(x_rows < m_end)[:, None] & (ranks < R)[None, :], other=0.0)
             acc_a = tl.dot(tl.trans(dxa.to(x.dtype)), x, acc_a, input_precision=PRECISION)
         tl.store(da_ptr + ranks[:, None] * K + k_cols[None, :], acc_a,
                  mask=(ranks < R)[:, None] & (k_cols < K)[None, :])
@@ -132,8 +141,10 @@ def lora_grads(x: torch.Tensor, g: torch.Tensor, lora_A: torch.Tensor, lora_B: t
     dxa = torch.empty(m, r, dtype=torch.float32, device=x.device)
     _lora_grad_inputs_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), 2)](
         x, g, lora_A, lora_B, xa, dxa, m, k, n, r, float(scaling), BLOCK_R=block_r, PRECISION=precision)
-    grad_A = torch.empty(r, k, dtype=torch.float32, device=x.device)
-    grad_B = torch.empty(n, r, dtype=torch.float32, device=x.device)
-    _lora_grad_weights_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK"]) + triton.cdiv(k, meta["BLOCK"]),)](
+    # dA and dB reduce over all M rows: with ~50-100 column tiles at these widths that is too few programs to
+    # fill the card, so the rows are split SPLITS ways and the partial sums added (deterministically) after
+    grad_A = torch.empty(SPLITS, r, k, dtype=torch.float32, device=x.device)
+    grad_B = torch.empty(SPLITS, n, r, dtype=torch.float32, device=x.device)
+    _lora_grad_weights_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK"]) + triton.cdiv(k, meta["BLOCK"]), SPLITS)](
         x, g, xa, dxa, grad_A, grad_B, m, k, n, r, BLOCK_R=block_r, PRECISION=precision)
-    return grad_A, grad_B
+    return grad_A.sum(0), grad_B.sum(0)

@@ -163,9 +163,12 @@ def _dequantize_nf4_lora_kernel(packed_ptr, absmax_ptr, nested_absmax_ptr, neste
     ranks = tl.arange(0, BLOCK_R)
     b = tl.load(b_ptr + rows[:, None] * R + ranks[None, :], mask=(rows < N)[:, None] & (ranks < R)[None, :], other=0.0)
     a = tl.load(a_ptr + ranks[:, None] * K + cols[None, :], mask=(ranks < R)[:, None] & (cols < K)[None, :], other=0.0)
-    # the decoded tile as the dot's accumulator: one layout change instead of converting the dot's result
-    # (35 vs 38 us at 3072 x 8192 on an H200, benchmarks/dequant_lora.py; the decode alone takes 23)
-    w = tl.dot(b, a * scaling, acc=w, input_precision=PRECISION)
+    if PRECISION == "ieee":  # fp32 output: the update summed alone, then added once (see below)
+        w += tl.dot(b, a * scaling, input_precision=PRECISION)
+    else:  # the decoded tile as the dot's accumulator: one layout change instead of converting the dot's result
+        # (35 vs 38 us at 3072 x 8192 on an H200, benchmarks/dequant_lora.py; the decode alone takes 23). The
+        # running sum then rounds r times at W's magnitude in fp32: far below the 16-bit output's rounding.
+        w = tl.dot(b, a * scaling, acc=w, input_precision=PRECISION)
     mask = (rows < N)[:, None] & (cols < K)[None, :]
     tl.store(out_ptr + rows[:, None] * K + cols[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -176,8 +179,9 @@ def dequantize_nf4_lora(state: NF4State, lora_A: torch.Tensor, lora_B: torch.Ten
     LoRA linear multiplies by, so the LoRA branch costs no pass over the (tokens, N) output.
 
     lora_A (R, K) and lora_B (N, R) fp32, contiguous, on W's device. Needs K % 64 == 0 (rows made of whole absmax
-    blocks). The update runs as tf32 on the tensor cores for fp16/bf16 output (its error, ~2^-11 relative, is
-    below the output's rounding) and in full fp32 for fp32 output. B = 0 gives exactly `dequantize_nf4`.
+    blocks). The update runs as tf32 on the tensor cores for fp16/bf16 output (operands truncated to 10 bits: up
+    to 2^-9 of |B| |A|, below the output's rounding unless B A is as large as W) and in full fp32 for fp32
+    output. B = 0 gives exactly `dequantize_nf4`.
     """
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"dequantize_nf4_lora: dtype {dtype}; expected float16, bfloat16 or float32")

@@ -59,12 +59,14 @@ def test_dequantize_into_out_buffer():
 
 def _assert_merged_close(ours, state, a, b, scaling, what):
     """Within one rounding of the output dtype of the float64 W + s B A (W the exact dequantized weight), plus the
-    update's own error: its r-term fp32 sum (r + 2 roundings, s A included) and, for half outputs, tf32 inputs
-    (2^-11 each on A and B)."""
-    exact = nf4.dequantize_nf4(state, torch.float32).double() + scaling * (b.double() @ a.double())
+    update's own error: its r-term fp32 sum (r + 2 roundings, s A included, at W's magnitude for half outputs,
+    where W is the sum's start) and, for half outputs, tf32 operands (truncated to 10 bits: 2^-10 each)."""
+    w = nf4.dequantize_nf4(state, torch.float32).double()
+    exact = w + scaling * (b.double() @ a.double())
     update = scaling * (b.double().abs() @ a.double().abs())
-    tf32 = 0.0 if ours.dtype == torch.float32 else 2.0 ** -10
-    bound = EPS[ours.dtype] * exact.abs() + (tf32 + (a.shape[0] + 2) * EPS[torch.float32]) * update + 1e-30
+    half = ours.dtype != torch.float32
+    fp32_sum = (a.shape[0] + 2) * EPS[torch.float32] * (update + (w.abs() if half else 0))
+    bound = EPS[ours.dtype] * exact.abs() + (2.0 ** -9 if half else 0.0) * update + fp32_sum + 1e-30
     err = (ours.double() - exact).abs()
     assert not (err > bound).any(), f"{what}: {int((err > bound).sum())} outside; max diff {err.max().item():.3g}"
 
