@@ -41,18 +41,9 @@ def _variant_kernel(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, 
                     out_ptr, N, K, R, scaling, MODE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Experiments on the merged kernel: MODE 1 = no update at all (what the 3-D decode alone costs),
     2 = the decoded tile handed to tl.dot as its accumulator, 3 = the update added by 16 CUDA-core FMAs."""
-    GROUPS: tl.constexpr = BLOCK_K // 64
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    groups = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
-    block = rows[:, None] * (K // 64) + groups[None, :]
-    block_mask = (rows < N)[:, None] & (groups < K // 64)[None, :]
-    byte = block[:, :, None] * 32 + tl.arange(0, 32)[None, None, :]
-    q = tl.load(packed_ptr + byte, mask=block_mask[:, :, None], other=0).to(tl.int32)
-    scale = nf4_dequant._absmax(block, block_mask, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
-                                True, 256)[:, :, None]
-    high = tl.load(code_ptr + (q >> 4)) * scale
-    low = tl.load(code_ptr + (q & 15)) * scale
-    w = tl.reshape(tl.interleave(high, low), (BLOCK_N, BLOCK_K))
+    w = nf4_dequant._decode_tile(rows, tl.program_id(1), N, K, packed_ptr, absmax_ptr, nested_absmax_ptr,
+                                 nested_code_ptr, offset_ptr, code_ptr, True, 256, BLOCK_N, BLOCK_K)
     cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     ranks = tl.arange(0, 16)
     if MODE == 2:
@@ -81,22 +72,13 @@ def _looped_kernel(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, o
                    BLOCK_K: tl.constexpr):
     """Experiment: one program walks TILES tiles along the row (loads of the next tile pipelined under the dot of
     this one), the decoded tile as tl.dot's accumulator."""
-    GROUPS: tl.constexpr = BLOCK_K // 64
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     ranks = tl.arange(0, 16)
     b = tl.load(b_ptr + rows[:, None] * R + ranks[None, :], mask=(rows < N)[:, None], other=0.0)
     for t in tl.range(0, TILES, num_stages=STAGES):
         tile = tl.program_id(1) * TILES + t
-        groups = tile * GROUPS + tl.arange(0, GROUPS)
-        block = rows[:, None] * (K // 64) + groups[None, :]
-        block_mask = (rows < N)[:, None] & (groups < K // 64)[None, :]
-        byte = block[:, :, None] * 32 + tl.arange(0, 32)[None, None, :]
-        q = tl.load(packed_ptr + byte, mask=block_mask[:, :, None], other=0).to(tl.int32)
-        scale = nf4_dequant._absmax(block, block_mask, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
-                                    True, 256)[:, :, None]
-        high = tl.load(code_ptr + (q >> 4)) * scale
-        low = tl.load(code_ptr + (q & 15)) * scale
-        w = tl.reshape(tl.interleave(high, low), (BLOCK_N, BLOCK_K))
+        w = nf4_dequant._decode_tile(rows, tile, N, K, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr,
+                                     offset_ptr, code_ptr, True, 256, BLOCK_N, BLOCK_K)
         cols = tile * BLOCK_K + tl.arange(0, BLOCK_K)
         a = tl.load(a_ptr + ranks[:, None] * K + cols[None, :], mask=(cols < K)[None, :], other=0.0)
         w = tl.dot(b, a * scaling, acc=w)

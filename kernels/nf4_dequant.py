@@ -140,15 +140,13 @@ def dequantize_nf4_lora_reference(state: NF4State, lora_A: torch.Tensor, lora_B:
     return (dequantize_torch(state, torch.float32) + delta.float()).to(dtype)
 
 
-@triton.autotune(configs=_LORA_CONFIGS, key=["N", "K", "R"])
 @triton.jit
-def _dequantize_nf4_lora_kernel(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, code_ptr,
-                                a_ptr, b_ptr, out_ptr, N, K, R, scaling,
-                                NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, BLOCK_R: tl.constexpr,
-                                PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _decode_tile(rows, tile, N, K, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, code_ptr,
+                 NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """W[rows, tile * BLOCK_K : (tile + 1) * BLOCK_K] in fp32 (K % 64 == 0: rows are whole absmax blocks), read as
+    (BLOCK_N, BLOCK_K // 64, 32) bytes so each block's scale is loaded once. Also used by benchmarks/dequant_lora.py."""
     GROUPS: tl.constexpr = BLOCK_K // 64
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    groups = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)  # absmax blocks along the row (K % 64 == 0)
+    groups = tile * GROUPS + tl.arange(0, GROUPS)  # absmax blocks along the row
     block = rows[:, None] * (K // 64) + groups[None, :]  # (BLOCK_N, GROUPS)
     block_mask = (rows < N)[:, None] & (groups < K // 64)[None, :]
     byte = block[:, :, None] * 32 + tl.arange(0, 32)[None, None, :]  # (BLOCK_N, GROUPS, 32)
@@ -157,7 +155,18 @@ def _dequantize_nf4_lora_kernel(packed_ptr, absmax_ptr, nested_absmax_ptr, neste
                     NESTED, NESTED_BLOCKSIZE)[:, :, None]
     high = tl.load(code_ptr + (q >> 4)) * scale
     low = tl.load(code_ptr + (q & 15)) * scale
-    w = tl.reshape(tl.interleave(high, low), (BLOCK_N, BLOCK_K))  # element order along the row
+    return tl.reshape(tl.interleave(high, low), (BLOCK_N, BLOCK_K))  # element order along the row
+
+
+@triton.autotune(configs=_LORA_CONFIGS, key=["N", "K", "R"])
+@triton.jit
+def _dequantize_nf4_lora_kernel(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, code_ptr,
+                                a_ptr, b_ptr, out_ptr, N, K, R, scaling,
+                                NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, BLOCK_R: tl.constexpr,
+                                PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    w = _decode_tile(rows, tl.program_id(1), N, K, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr,
+                     offset_ptr, code_ptr, NESTED, NESTED_BLOCKSIZE, BLOCK_N, BLOCK_K)
     # the rank-R update of this tile on the tensor cores: (BLOCK_N, R) @ (R, BLOCK_K), R padded with zeros
     cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     ranks = tl.arange(0, BLOCK_R)
