@@ -54,6 +54,7 @@ def test_merged_weight_path_matches_reference_fp32(monkeypatch, bias):
     assert calls == [torch.Size((N, K))] * 2  # forward and dx, nothing else dequantized the weight
     calls.clear()
     _compare(x[:fused.MERGE_MIN_ROWS - 1], base, a, b, None, 0.0, atol=1e-5, rtol=1e-5)  # few rows: LoRA branch
+    _compare(x[:2], base, a, b, None, 0.0, atol=1e-5, rtol=1e-5)  # decoding: the base takes the 4-bit GEMV
     assert calls == []
 
 
