@@ -290,6 +290,8 @@ def estimate_memory(model, r, dropout, batch, seq_len, dtype, device, uncheckpoi
     lora = {name.rsplit(".", 1)[-1]: m.out_features for name, m in modules.items()}
     acts = estimate_activations(c, lora, r, dropout, batch, seq_len, reg, uncheckpointed)
     return {
+        # with checkpointing, for as long as a block's backward runs (not an activation: autograd does not save it)
+        "recompute_weights": _kept_merged_weights(c, modules, dropout, batch * seq_len, reg, uncheckpointed, w),
         "nf4_packed": packed, "nf4_stats": stats, "float_weights": floats,
         "lora_weights": 4 * lora_numel,  # LoRA weights in fp32 (QLoRA: fp32 adapters over a bf16 base)
         "gradients": 4 * lora_numel,  # only LoRA weights get gradients, in their own fp32
@@ -298,6 +300,27 @@ def estimate_memory(model, r, dropout, batch, seq_len, dtype, device, uncheckpoi
         "activations": acts["total"], "activations_checkpointed": acts["checkpointed"],
         "activation_detail": acts,
     }
+
+
+def _kept_merged_weights(c, modules, dropout, rows, reg, uncheckpointed, itemsize):
+    """Bytes of W + s B A that a block's recomputation hands to its backward (kernels/lora.py `keep_weight`), for
+    the block that keeps the most: every merged layer (Triton backend, no dropout, in % 64 == 0, enough rows)
+    that the recomputation runs, i.e. not down_proj where the recomputation skips it (all but Gemma 2/3)."""
+    if not reg.merged_lora or dropout or uncheckpointed >= c.num_hidden_layers:
+        return 0
+    from kernels.lora import MERGE_MIN_ROWS
+
+    if rows < MERGE_MIN_ROWS:
+        return 0
+    per_block = Counter()
+    for name, m in modules.items():
+        parts = name.split(".")
+        if parts[1] != "layers" or int(parts[2]) >= c.num_hidden_layers - uncheckpointed or m.in_features % 64:
+            continue
+        if parts[-1] == "down_proj" and not c.sandwich_norms:
+            continue
+        per_block[int(parts[2])] += m.out_features * m.in_features * itemsize
+    return max(per_block.values(), default=0)
 
 
 # ---------------------------------------------------------------------------- memory: measurement
@@ -646,9 +669,12 @@ def format_report(rep, top=10):
     static = sum(est[k] for k in _STATIC)
     row("activations, no checkpointing", "activations")
     row("activations, block checkpointing", "activations_checkpointed")
+    if est.get("recompute_weights"):  # not a saved activation, so not measured by the meter
+        lines.append(f"  {'+ merged weights a recomputation keeps':44}{_size(est['recompute_weights']):>12}")
     lines.append(f"  {'total, no checkpointing':44}{_size(static + est['activations']):>12}"
                  f"{_size(sum(mea[k] for k in _STATIC) + mea['activations']) if mea else '':>12}")
-    lines.append(f"  {'total, block checkpointing':44}{_size(static + est['activations_checkpointed']):>12}"
+    checkpointed = static + est["activations_checkpointed"] + est.get("recompute_weights", 0)
+    lines.append(f"  {'total, block checkpointing':44}{_size(checkpointed):>12}"
                  f"{_size(sum(mea[k] for k in _STATIC) + mea['activations_checkpointed']) if mea else '':>12}")
     if mea and "cuda_peak_activations" in mea:
         lines.append(f"  CUDA peak above the weights during forward + backward: {_size(mea['cuda_peak_activations'])} "

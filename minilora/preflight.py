@@ -98,6 +98,8 @@ def estimate_step_memory(config, model, B, T, device, dtype):
     weights = est["nf4_packed"] + est["nf4_stats"] + est["float_weights"]
     lora = est["lora_weights"] + est["gradients"] + est["adamw_state"]
     acts = est["activations_checkpointed" if config.gradient_checkpointing else "activations"]
+    if config.gradient_checkpointing:
+        acts += est["recompute_weights"]
     return {"total": weights + lora + acts,
             "detail": f"weights {_gib(weights)}, LoRA + grads + AdamW {_gib(lora)}, activations {_gib(acts)}"}
 

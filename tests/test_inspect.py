@@ -325,3 +325,21 @@ def test_uncheckpointed_blocks_keep_their_activations_and_change_no_gradient(che
             continue
         assert saved == kept + sum(blocks[L - n:]), n
         assert est["activations_checkpointed"] == kept + max(sum(blocks[L - n:]), max(blocks[:L - n]))
+
+
+def test_estimate_counts_the_merged_weights_a_recomputation_keeps(checkpoints):
+    """kernels/lora.py hands a recomputed block's W + s B A to its backward: one block's merged layers in the compute
+    dtype, on the CUDA Triton path only, without dropout, from MERGE_MIN_ROWS rows; preflight adds it under
+    checkpointing. Tiny Llama (width 64, 2 kv heads of 16, MLP 96): q, o 64x64, k, v 32x64, gate, up 96x64 merge;
+    down_proj (in 96) and everything on the CPU do not."""
+    directory, _ = checkpoints["llama"]
+    config = load_config(directory)
+    meta = ins.meta_model(config, 4, 8, ALL, 0.0)
+    cuda = torch.device("cuda")
+    est = ins.estimate_memory(meta, 4, 0.0, 4, 32, torch.bfloat16, cuda)
+    assert est["recompute_weights"] == 2 * (64 * 64 * 2 + 32 * 64 * 2 + 96 * 64 * 2)
+    assert ins.estimate_memory(meta, 4, 0.0, 4, 32, torch.bfloat16, torch.device("cpu"))["recompute_weights"] == 0
+    assert ins.estimate_memory(meta, 4, 0.0, 2, 12, torch.bfloat16, cuda)["recompute_weights"] == 0  # 24 rows
+    assert ins.estimate_memory(meta, 4, 0.0, 4, 32, torch.bfloat16, cuda, 3)["recompute_weights"] == 0  # none recompute
+    dropped = ins.meta_model(config, 4, 8, ALL, 0.1)
+    assert ins.estimate_memory(dropped, 4, 0.1, 4, 32, torch.bfloat16, cuda)["recompute_weights"] == 0
