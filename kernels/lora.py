@@ -55,6 +55,7 @@ def _base_matmul(x2, base, dtype):
 
 
 def _merged_weight(base, lora_A, lora_B, scaling, dtype):
+    """W + s B A in `dtype`, from the packed NF4 weight in one Triton pass."""
     from kernels.nf4_dequant import dequantize_nf4_lora
 
     return dequantize_nf4_lora(base.state, lora_A.float().contiguous(), lora_B.float().contiguous(), scaling, dtype)
