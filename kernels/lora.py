@@ -14,7 +14,7 @@ the base GEMM's output with `addmm_` (beta = 1), the input gradient likewise, an
 are u (M, K) and xa (M, r). The frozen W is re-materialised in the backward from its packed NF4 form (a
 dequant is ~4x cheaper than keeping a bf16 copy around), or used as it is for a float base.
 
-Merged weight (no dropout, NF4 base on the Triton backend, more than MERGE_MIN_ROWS rows): since the base
+Merged weight (no dropout, NF4 base on the Triton backend, at least MERGE_MIN_ROWS rows): since the base
 weight is dequantized for every use anyway, the dequantization adds the update in the same pass
 (`kernels/nf4_dequant.py` `dequantize_nf4_lora`), W' = W + s B A, and
 
