@@ -124,16 +124,20 @@ class Regime:
                       merged_lora=kernels)
 
 
+def _merges(reg, dropout, width, rows):
+    """Does a LoRA layer of input `width` take the merged-weight node (kernels/lora.py `_merges`)?"""
+    from kernels.lora import MERGE_MIN_ROWS
+
+    return reg.merged_lora and not dropout and width % 64 == 0 and rows >= MERGE_MIN_ROWS
+
+
 def _lora_activations(width, out_width, r, N, dropout, reg, grad_x, input_saved):
     """Bytes one targeted LoRALinear keeps (lora.py `forward`): h @ A^T keeps h, its (possibly dropped
     out) input, and A if h needs a gradient; u @ B^T keeps u = h A^T (r wide). `input_saved`: another
     op already keeps the same input tensor."""
     a = reg.act
-    if reg.merged_lora and not dropout and width % 64 == 0:
-        from kernels.lora import MERGE_MIN_ROWS
-
-        if N >= MERGE_MIN_ROWS:
-            return 0 if input_saved else N * width * a  # the merged-weight node keeps x alone
+    if _merges(reg, dropout, width, N):
+        return 0 if input_saved else N * width * a  # the merged-weight node keeps x alone
     if reg.fused_lora:
         # kernels/lora.py saves u (x itself, or its dropped-out copy and the bool mask), xa = u A^T, and the
         # compute-dtype copies of A and B, whether or not x needs a gradient
@@ -306,16 +310,12 @@ def _kept_merged_weights(c, modules, dropout, rows, reg, uncheckpointed, itemsiz
     """Bytes of W + s B A that a block's recomputation hands to its backward (kernels/lora.py `keep_weight`), for
     the block that keeps the most: every merged layer (Triton backend, no dropout, in % 64 == 0, enough rows)
     that the recomputation runs, i.e. not down_proj where the recomputation skips it (all but Gemma 2/3)."""
-    if not reg.merged_lora or dropout or uncheckpointed >= c.num_hidden_layers:
-        return 0
-    from kernels.lora import MERGE_MIN_ROWS
-
-    if rows < MERGE_MIN_ROWS:
-        return 0
     per_block = Counter()
     for name, m in modules.items():
         parts = name.split(".")
-        if parts[1] != "layers" or int(parts[2]) >= c.num_hidden_layers - uncheckpointed or m.in_features % 64:
+        if len(parts) < 3 or parts[1] != "layers" or int(parts[2]) >= c.num_hidden_layers - uncheckpointed:
+            continue  # lm_head, or a block that is not recomputed
+        if not _merges(reg, dropout, m.in_features, rows):
             continue
         if parts[-1] == "down_proj" and not c.sandwich_norms:
             continue

@@ -343,3 +343,5 @@ def test_estimate_counts_the_merged_weights_a_recomputation_keeps(checkpoints):
     assert ins.estimate_memory(meta, 4, 0.0, 4, 32, torch.bfloat16, cuda, 3)["recompute_weights"] == 0  # none recompute
     dropped = ins.meta_model(config, 4, 8, ALL, 0.1)
     assert ins.estimate_memory(dropped, 4, 0.1, 4, 32, torch.bfloat16, cuda)["recompute_weights"] == 0
+    with_head = ins.meta_model(config, 4, 8, ALL + ("lm_head",), 0.0)  # a LoRA head is no block layer
+    assert ins.estimate_memory(with_head, 4, 0.0, 4, 32, torch.bfloat16, cuda)["recompute_weights"] == est["recompute_weights"]
