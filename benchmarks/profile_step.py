@@ -34,12 +34,7 @@ def main():
     optimizer = torch.optim.AdamW(params, lr=2e-4, fused=True)
     ids, labels = batch_of(model.config.vocab_size, args.batch, args.seq, seed=1)
 
-    def step():
-        loss_fn(ids, labels).backward()
-        torch.nn.utils.clip_grad_norm_(params, 0.3)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
+    graphed = None
     if args.graphed:  # the trainer's own step, as benchmarks/train_step.py times it: CUDA-graph micro-steps
         from minilora.config import TrainConfig
         from minilora.trainer import GraphedMicroSteps, optimizer_step
@@ -48,9 +43,15 @@ def main():
         graphed = GraphedMicroSteps(model, params, False, torch.bfloat16, 0)
         batch = {"input_ids": ids, "labels": labels}
 
-        def step():  # noqa: F811
+    def step():
+        if graphed is not None:
             optimizer_step(model, optimizer, params, [batch], 2e-4, config, torch.device("cuda"), torch.bfloat16,
                            graphed)
+            return
+        loss_fn(ids, labels).backward()
+        torch.nn.utils.clip_grad_norm_(params, 0.3)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
     for _ in range(3):
         step()
