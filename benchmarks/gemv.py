@@ -1,12 +1,13 @@
-"""Decode matmul kernels (x with 1 or 8 rows, NF4 weight) as decoding streams them: from HBM, layer after layer.
+"""Decode matmul kernels (x with 1 to 64 rows, NF4 weight) as decoding streams them: from HBM, layer after layer.
 
 Each case holds 28 different weights of one Llama-3.2-3B shape (28 x 12.6 MB > the card's L2) and a CUDA
 graph that multiplies x by each of them in turn, as a decode step goes through the layers; time = graph replay
-time / 28. Compared: bf16 F.linear (cuBLAS) and minilora's NF4 path (`matmul_nf4`: the fused GEMV for 1 row,
-dequant + cuBLAS for 8). Every output is checked against float64 first. A split-K GEMV was compared the same way
-at commit 99f2d45 and removed (benchmarks/RESULTS.md).
+time / 28. Compared: bf16 F.linear (cuBLAS), minilora's NF4 path (`matmul_nf4`) and each of its three kernels
+forced: the GEMV (M <= 2), the few-rows tensor-core kernel, dequant + cuBLAS. Every output is checked against
+float64 first (the bound of tests/test_nf4_kernels.py). Earlier kernels (split-K GEMV, per-byte GEMV, multi-row
+GEMV) were compared the same way and removed (benchmarks/RESULTS.md).
 
-    python benchmarks/gemv.py [--results FILE]
+    python benchmarks/gemv.py [--results FILE] [--rows 1,2,8]
 """
 import argparse
 import datetime
@@ -47,30 +48,52 @@ def graph_time(fn):
     return start.elapsed_time(end) * 1e3 / (reps * LAYERS)
 
 
+def check_close(out, x, w, what):
+    """|out - x @ w^T| <= 4 eps(bf16) sum |x w| per element, against float64 (tests/test_nf4_kernels.py's bound)."""
+    ref = x.double() @ w.double().T
+    bound = 4 * torch.finfo(out.dtype).eps * (x.double().abs() @ w.double().abs().T)
+    err = (out.double() - ref).abs()
+    if (err > bound).any():
+        raise AssertionError(f"{what}: {int((err > bound).sum())} outputs outside the bound, max diff {err.max().item():.3g}")
+
+
 def main():
     import kernels.nf4_matmul as mm
     from minilora.nf4 import dequantize_nf4, quantize_nf4
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--results")
+    parser.add_argument("--rows", default="1,2,4,8,16,32,64")
     args = parser.parse_args()
     lines = [f"## Decode matmuls as a decode step streams them (28 weights per shape; {datetime.date.today().isoformat()})",
              "", f"Card: {torch.cuda.get_device_name()}, torch {torch.__version__}. Command: `python benchmarks/gemv.py`. "
-             "µs per matmul inside one CUDA graph over 28 distinct weights (more than L2 holds).", "",
-             "| N × K | M | bf16 F.linear | NF4 (`matmul_nf4`) | NF4 GB/s | NF4 vs bf16 |", "|---|---:|---:|---:|---:|---:|"]
+             "µs per matmul inside one CUDA graph over 28 distinct weights (more than L2 holds); NF4 GB/s = packed "
+             "bytes + absmax / time of the default path.", "",
+             "| N × K | M | bf16 F.linear | NF4 `matmul_nf4` | NF4 GB/s | vs bf16 | GEMV | few-rows kernel | dequant + cuBLAS |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for N, K in SHAPES:
         torch.manual_seed(0)
         states = [quantize_nf4(torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02, True) for _ in range(LAYERS)]
         dense = [dequantize_nf4(s, torch.bfloat16) for s in states]
+        words = [mm._words(s) for s in states]
         nbytes = states[0].packed.numel() + states[0].absmax.numel()
-        for M in (1, 8):
+        for M in map(int, args.rows.split(",")):
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-            ref = F.linear(x.double(), dequantize_nf4(states[0], torch.float64))
-            assert (mm.matmul_nf4(x, states[0]).double() - ref).abs().max() <= 2e-2 * ref.abs().max()
+            paths = {"default": lambda i: mm.matmul_nf4(x, states[i]),
+                     "few": lambda i: mm._matmul_few_rows(x, states[i], words[i]),
+                     "dequant": lambda i: torch.nn.functional.linear(x, mm._dequantize_into_buffer(states[i], x.dtype))}
+            if M <= 2:
+                paths["gemv"] = lambda i: mm._gemv(x, states[i], words[i])
+            for name, fn in paths.items():
+                check_close(fn(0), x, dense[0], f"{name} {N}x{K} M={M}")
             bf = graph_time(lambda i: F.linear(x, dense[i]))
-            nf = graph_time(lambda i: mm.matmul_nf4(x, states[i]))
-            lines.append(f"| {N} × {K} | {M} | {bf:.1f} | {nf:.1f} | {nbytes / (nf * 1e-6) / 1e9:,.0f} | {bf / nf:.2f}× |")
+            t = {name: graph_time(fn) for name, fn in paths.items()}
+            gemv = f"{t['gemv']:.1f}" if "gemv" in t else "—"
+            lines.append(f"| {N} × {K} | {M} | {bf:.1f} | {t['default']:.1f} | {nbytes / (t['default'] * 1e-6) / 1e9:,.0f} | "
+                         f"{bf / t['default']:.2f}× | {gemv} | {t['few']:.1f} | {t['dequant']:.1f} |")
             print(lines[-1], flush=True)
+        for kernel in (mm._gemv_nf4_kernel, mm._matmul_nf4_few_rows_kernel):
+            print(N, K, kernel.fn.__name__, "tuned:", {str(k): str(v) for k, v in kernel.cache.items()}, flush=True)
     table = "\n".join(lines) + "\n"
     print(table)
     if args.results:

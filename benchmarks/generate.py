@@ -182,8 +182,10 @@ def run(args):
         for batch in batches:
             prompts = random_prompts(raw["vocab_size"], batch, prompt_len, batch, device)
             mine = tokens_per_s(ours_generate, ours, prompts, new_tokens, args.repeats, device)
-            compiled = None if tiny else tokens_per_s(ours_compiled_generate, ours, prompts, new_tokens, args.repeats, device)
-            fresh = tokens_per_s(ours_fresh_generate, ours, prompts, new_tokens, args.repeats, device)
+            compiled = None if tiny or args.no_compile else tokens_per_s(ours_compiled_generate, ours, prompts,
+                                                                         new_tokens, args.repeats, device)
+            fresh = None if args.no_fresh else tokens_per_s(ours_fresh_generate, ours, prompts, new_tokens,
+                                                            args.repeats, device)
             theirs = tokens_per_s(hf_generate, hf, prompts, new_tokens, args.repeats, device)
             rows.append({"weights": kind, "batch": batch, "minilora": mine, "compiled": compiled, "fresh": fresh, "hf": theirs,
                          "speedup": mine[0] / theirs[0], "target": TARGETS.get((kind, batch))})
@@ -232,8 +234,8 @@ def render(rows, checks, shape, args):
         c = r["compiled"]
         compiled = "—" if c is None else f"{c[0]:,.1f} ({c[1]:,.1f}–{c[2]:,.1f}), {c[0] / h[0]:.1f}×"
         fr = r["fresh"]
-        lines.append(f"| {r['weights']} | {r['batch']} | {m[0]:,.1f} ({m[1]:,.1f}–{m[2]:,.1f}) | {compiled} | "
-                     f"{fr[0]:,.1f} ({fr[1]:,.1f}–{fr[2]:,.1f}) | "
+        fresh = "—" if fr is None else f"{fr[0]:,.1f} ({fr[1]:,.1f}–{fr[2]:,.1f})"
+        lines.append(f"| {r['weights']} | {r['batch']} | {m[0]:,.1f} ({m[1]:,.1f}–{m[2]:,.1f}) | {compiled} | {fresh} | "
                      f"{h[0]:,.1f} ({h[1]:,.1f}–{h[2]:,.1f}) | {r['speedup']:.1f}× | {target} | {met} |")
     lines.append("")
     for kind in ("nf4", "bf16"):
@@ -255,6 +257,8 @@ def main(argv=None):
     parser.add_argument("--tiny", action="store_true", help="CPU, tiny model: check the logic (not a measurement)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-bf16", action="store_true", help="skip the bf16 rows")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
+    parser.add_argument("--no-fresh", action="store_true", help="skip the new-decoder-per-call column")
     parser.add_argument("--scoring", type=int, default=2000, help="prompts of the scoring run (0 = skip)")
     parser.add_argument("--scoring-batch", type=int, default=64)
     parser.add_argument("--data", default=DATA, help="the CodeAlpaca sample whose prompt lengths the scoring run copies")

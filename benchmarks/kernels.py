@@ -95,21 +95,14 @@ def main() -> None:
             t_bf16 = bench(lambda: F.linear(x, w_dq))
             t_ours = bench(lambda: nf4_matmul.matmul_nf4(x, state))
             t_bnb = bench(lambda: bnb.matmul_4bit(x, q.t(), quant_state=s))
-            if m == 1:
-                config = nf4_matmul._matmul_nf4_small_m_kernel.best_config
-                configs.append(f"{n}x{k}: BLOCK_N={config.kwargs['BLOCK_N']} BLOCK_K={config.kwargs['BLOCK_K']} "
-                               f"warps={config.num_warps} stages={config.num_stages}")
-            # the other path, to check the SMALL_M switch: fused GEMV vs dequant + cuBLAS
+            kernel = nf4_matmul._gemv_nf4_kernel if m <= nf4_matmul.SMALL_M else nf4_matmul._matmul_nf4_few_rows_kernel
+            if m <= nf4_matmul.FEW_ROWS and getattr(kernel, "best_config", None) is not None:
+                config = kernel.best_config
+                configs.append(f"{n}x{k} M={m}: {config.kwargs} warps={config.num_warps} stages={config.num_stages}")
+            # the other path, to check the switch: the decoding kernels vs dequant + cuBLAS
             t_alt = (None,)
-            if m <= nf4_matmul.SMALL_M:
+            if m <= nf4_matmul.FEW_ROWS:
                 t_alt = bench(lambda: F.linear(x, nf4_matmul._dequantize_into_buffer(state, torch.bfloat16)))
-            elif m <= 16:  # the fused kernel runs one program per row: only worth timing for small M
-                saved, nf4_matmul.SMALL_M = nf4_matmul.SMALL_M, 16
-                try:
-                    check_close(nf4_matmul.matmul_nf4(x, state), ref, f"fused {n}x{k} M={m}")
-                    t_alt = bench(lambda: nf4_matmul.matmul_nf4(x, state))
-                finally:
-                    nf4_matmul.SMALL_M = saved
             alt = "-" if t_alt[0] is None else f"{t_alt[0]:.1f}"
             lines.append(f"| {n}x{k} | {m} | {t_bf16[0]:.1f} | {t_ours[0]:.1f} ({t_ours[1]:.1f}-{t_ours[2]:.1f}) "
                          f"| {t_bnb[0]:.1f} | {t_ours[0] / t_bf16[0]:.2f}x | {t_bnb[0] / t_ours[0]:.2f}x | {alt} |")
@@ -130,10 +123,10 @@ def main() -> None:
                    f"{moved / ours[0] / 1e6 / copy_bw:.0%} |")
     out += ["", "### y = x @ W^T, x bf16 (M, in), W NF4 (out, in)", "",
             f"`ours/bf16` < 1 is faster than bf16 `F.linear`; `bnb/ours` > 1 is faster than bitsandbytes. "
-            f"Ours takes the fused GEMV for M <= {nf4_matmul.SMALL_M}, else dequant + cuBLAS; `other path` "
+            f"Ours takes the GEMV for M <= {nf4_matmul.SMALL_M}, the few-rows kernel up to {nf4_matmul.FEW_ROWS}, else dequant + cuBLAS; `other path` "
             f"times the one not taken (the GEMV only up to M = 16).", "",
             "| weight | M | bf16 F.linear us | ours us | bnb us | ours/bf16 | bnb/ours | other path us |",
-            "|---|---|---|---|---|---|---|---|"] + lines + ["", "GEMV autotune choice: " + "; ".join(configs) + "."]
+            "|---|---|---|---|---|---|---|---|"] + lines + ["", "Decoding kernels' autotune choice: " + "; ".join(configs) + "."]
     text = "\n".join(out) + "\n"
     print(text)
     write_section(args.results, text)

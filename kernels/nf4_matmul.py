@@ -1,20 +1,28 @@
 """4-bit matmuls with an NF4 weight W (N, K): y = x @ W^T (forward) and g @ W (input gradient).
 
 Reference (plain torch, below): `matmul_nf4_reference` = F.linear(x, dequantize_nf4(W)).
-Two paths, picked by the number of rows M of x:
-  - M <= SMALL_M (decoding): one fused GEMV kernel reads each packed byte once and dequantizes it in
-    registers. A byte holds W[n, 2j] (high nibble) and W[n, 2j+1] (low), so x is read as its even and
-    odd columns: y[m, n] = sum_groups s[n, group] * sum_j (code[hi] x[m, 2j] + code[lo] x[m, 2j+1]).
-    The weight streams as (BLOCK_N rows) x (BLOCK_K // 64 absmax groups) x 32 bytes; the scale is
-    applied once per 64-group, after its sum. One program per (BLOCK_N rows, row of x): for M > 1 the
-    weight is re-read from L2. Needs K % 64 == 0 (every Llama/Qwen/Gemma/Phi width is), else large-M.
-  - larger M: dequantize W into a buffer reused across calls (`kernels/nf4_dequant.py`), then cuBLAS.
-    The buffer is per (shape, dtype, device) and only read by the matmul that follows on the same
-    stream, so reuse is safe; it is never returned or saved for backward.
-  A tl.dot variant of the fused kernel for 2..16 rows was 3-8x slower than dequant + cuBLAS on an
-  H100 (benchmarks/RESULTS.md) and was removed.
-g @ W (backward) always takes the dequant + cuBLAS path: training has large M.
-Test: tests/test_nf4_kernels.py. Benchmark: benchmarks/kernels.py (numbers in benchmarks/RESULTS.md).
+Three paths, picked by the number of rows M of x (decoding has M = batch size):
+  - M <= SMALL_M: `_gemv_nf4_kernel`, fp32 FMAs: y[m, n] = sum_groups absmax[n, g] * sum_k code[q[n, k]] x[m, k].
+  - SMALL_M < M <= FEW_ROWS and x in fp16/bf16: `_matmul_nf4_few_rows_kernel` decodes a (BLOCK_N, 64 GROUPS) tile of W in
+    registers to x's dtype, exactly as `dequantize_nf4` rounds it, and multiplies it on the tensor cores by x's
+    rows padded to M_PAD (>= 16, tl.dot's minimum): each weight byte is read and decoded once for all rows.
+  - otherwise: dequantize W into a buffer reused across calls (`kernels/nf4_dequant.py`), then cuBLAS. The buffer
+    is per (shape, dtype, device) and only read by the matmul that follows on the same stream, so reuse is safe;
+    it is never returned or saved for backward. g @ W (backward, large M in training) always takes this path.
+Both decoding kernels read W as int32 words: word w of a row holds columns 8w..8w+7, byte b of it columns 8w+2b
+(high nibble) and 8w+2b+1 (low nibble), the 8 words of a 64-column group share one absmax. A tile is (BLOCK_N
+rows, GROUPS groups, 8 words), one 16-byte load per 4 words, so each thread's words share their absmax.
+Decoding a nibble is the cost (benchmarks/RESULTS.md: table loads and byte loads made the earlier GEMV ~10
+instructions per weight); here it is one shift and one warp shuffle: lane l holds code[l % 16] and
+`shfl.sync.idx` returns the value of the lane the nibble names (shfl reads 5 bits of the lane number, so the
+bits above the nibble need no mask: lanes 16-31 repeat the table). Triton's CPU interpreter has no inline
+PTX, so there (SHUFFLE=False) the kernels look the code up in memory instead: same values.
+K is split over SPLIT_K programs per row block (a decode matmul has too few row blocks to keep every SM's
+memory pipe full): each writes an fp32 partial sum to a reused workspace, and the last to arrive (an atomic
+counter per row block) adds the partials in split order and writes the output, in the same launch, so the
+result does not depend on which program finishes last. Workspace reuse assumes one stream, as the buffer does.
+Needs K % 64 == 0 (every Llama/Qwen/Gemma/Phi width is) and a 16-byte aligned `packed`, else dequant + cuBLAS.
+Test: tests/test_nf4_kernels.py. Benchmarks: benchmarks/gemv.py (as a decode step streams them), benchmarks/kernels.py.
 """
 from __future__ import annotations
 
@@ -29,18 +37,25 @@ from kernels.nf4_dequant import _absmax, check_state, dequantize_nf4, nested_arg
 from minilora.nf4 import NF4State
 from minilora.nf4 import dequantize_nf4 as dequantize_nf4_reference
 
-# Up to this many rows use the fused GEMV. H100 (benchmarks/RESULTS.md): its time grows ~linearly with M
-# (13 us at M=1, 99 us at M=16 for 3072x3072), crossing dequant + cuBLAS (25 us) near M=3.
-SMALL_M = 2
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+SMALL_M = 1  # rows for the GEMV (at 2 rows the few-rows kernel is faster: benchmarks/RESULTS.md)
+FEW_ROWS = 64  # rows for the tensor-core kernel; above, dequant + cuBLAS
 
-# Autotune space for an H100 80GB at Llama-3.2-3B shapes; the CPU interpreter gets one small config.
-if os.environ.get("TRITON_INTERPRET") == "1":
-    _CONFIGS = [triton.Config({"BLOCK_N": 16, "BLOCK_K": 128})]
+# Autotune spaces (BLOCK_N, GROUPS, SPLIT_K, warps, stages), for an H100/H200 at Llama-3.2-3B shapes; the CPU
+# interpreter gets one small config that splits K (so the CPU tests run the split-K reduction too).
+if INTERPRET:
+    _GEMV_CONFIGS = [triton.Config({"BLOCK_N": 8, "GROUPS": 2, "SPLIT_K": 2})]
+    _FEW_ROWS_CONFIGS = [triton.Config({"BLOCK_N": 16, "GROUPS": 1, "SPLIT_K": 2})]
 else:
-    _CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-                for n, k, w, s in [(2, 1024, 4, 3), (4, 512, 4, 3), (4, 1024, 4, 2), (8, 512, 4, 3),
-                                   (8, 1024, 8, 2), (8, 1024, 8, 3), (16, 256, 4, 3), (16, 512, 4, 3),
-                                   (16, 512, 8, 3), (32, 256, 4, 3), (32, 512, 8, 2), (64, 256, 8, 2)]]
+    _GEMV_CONFIGS = [triton.Config({"BLOCK_N": n, "GROUPS": g, "SPLIT_K": k}, num_warps=w, num_stages=s)
+                     for n, g, k, w, s in [(16, 16, 1, 8, 2), (16, 16, 1, 8, 1), (16, 8, 2, 4, 1), (32, 8, 2, 4, 1),
+                                           (32, 8, 4, 4, 1), (64, 4, 4, 4, 1), (64, 8, 4, 8, 1), (32, 4, 4, 4, 1),
+                                           (64, 4, 8, 4, 1), (128, 2, 8, 4, 1), (32, 16, 4, 8, 1), (16, 8, 4, 4, 1)]]
+    _FEW_ROWS_CONFIGS = [triton.Config({"BLOCK_N": n, "GROUPS": g, "SPLIT_K": k}, num_warps=w, num_stages=s)
+                         for n, g, k, w, s in [(32, 2, 1, 4, 3), (32, 2, 2, 4, 3), (32, 2, 4, 4, 3), (32, 2, 4, 4, 1),
+                                               (64, 2, 2, 4, 3), (64, 2, 4, 4, 3), (64, 1, 4, 4, 3), (128, 1, 4, 4, 3),
+                                               (128, 2, 4, 4, 3), (16, 4, 4, 4, 3), (64, 2, 8, 4, 3)]]
+MAX_SPLIT_K, MIN_BLOCK_N = 8, 8
 
 
 def matmul_nf4_reference(x: torch.Tensor, state: NF4State) -> torch.Tensor:
@@ -53,36 +68,191 @@ def matmul_nf4_t_reference(g: torch.Tensor, state: NF4State) -> torch.Tensor:
     return g @ dequantize_nf4_reference(state, g.dtype)
 
 
-@triton.autotune(configs=_CONFIGS, key=["N", "K"])
 @triton.jit
-def _matmul_nf4_small_m_kernel(x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
-                               code_ptr, out_ptr, N, K, stride_xm, stride_om,
-                               NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
-                               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    GROUPS: tl.constexpr = BLOCK_K // 64  # absmax groups of 64 columns (32 bytes) per step
-    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    x_row = x_ptr + tl.program_id(1) * stride_xm
-    g = tl.arange(0, GROUPS)
-    i = tl.arange(0, 32)
+def _code_table(code_ptr, SHUFFLE: tl.constexpr):
+    """code[lane % 16] for this thread's lane: the shuffle's source, one register per thread.
+
+    A scalar on purpose: Triton moves tensors between threads when it changes their layout, which would break
+    "lane l holds code[l % 16]"; a scalar (splat where a tensor needs it) is never moved."""
+    if SHUFFLE:
+        lane = tl.inline_asm_elementwise("mov.u32 $0, %laneid;", "=r,r", [tl.program_id(0)], dtype=tl.int32,
+                                         is_pure=True, pack=1)
+        return tl.load(code_ptr + (lane & 15))
+    else:
+        return 0.0
+
+
+@triton.jit
+def _code(table, code_ptr, nibble, SHUFFLE: tl.constexpr):
+    """code[nibble & 15] as fp32 (bits above the low 4 of `nibble` are ignored)."""
+    if SHUFFLE:
+        return tl.inline_asm_elementwise("shfl.sync.idx.b32 $0, $1, $2, 0x1f, 0xffffffff;", "=r,r,r",
+                                         [table, nibble], dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return tl.load(code_ptr + (nibble & 15))
+
+
+@triton.jit
+def _load_words(words_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, n, n_mask, group, g_mask,
+                K_GROUPS, NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr):
+    """The words (rows n, groups `group`, 8 words each) as int32 (BLOCK_N, GROUPS, 8) and their absmax (BLOCK_N, GROUPS)."""
+    word = n[:, None, None] * (K_GROUPS * 8) + group[None, :, None] * 8 + tl.arange(0, 8)[None, None, :]
+    words = tl.load(words_ptr + word, mask=n_mask[:, None, None] & g_mask[None, :, None], other=0)
+    scale = _absmax(n[:, None] * K_GROUPS + group[None, :], n_mask[:, None] & g_mask[None, :],
+                    absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, NESTED, NESTED_BLOCKSIZE)
+    return words, scale
+
+
+@triton.jit
+def _x_pair(x_row, pair, mask, X_FORMAT: tl.constexpr):
+    """x's columns 2 pair (paired with high nibbles) and 2 pair + 1 (low nibbles) as fp32.
+
+    X_FORMAT 0: x_row points at fp32 columns. 1 (bf16) and 2 (fp16): at int32 column pairs, one load for both,
+    column 2p in the low half (little-endian)."""
+    if X_FORMAT == 0:
+        even = tl.load(x_row + 2 * pair, mask=mask, other=0.0)
+        odd = tl.load(x_row + 2 * pair + 1, mask=mask, other=0.0)
+    else:
+        p = tl.load(x_row + pair, mask=mask, other=0)
+        if X_FORMAT == 1:  # a bf16 is the top half of the fp32 of the same value
+            even = (p << 16).to(tl.float32, bitcast=True)
+            odd = (p & -65536).to(tl.float32, bitcast=True)
+        else:
+            even = (p & 65535).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            odd = (p >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return even, odd
+
+
+@triton.jit
+def _split_range(split, K_GROUPS, GROUPS: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Groups [start, end) of K split `split`: SPLIT_K slices, each a multiple of GROUPS long (the last may be empty)."""
+    per_split = tl.cdiv(tl.cdiv(K_GROUPS, SPLIT_K), GROUPS) * GROUPS
+    start = split * per_split
+    return start, tl.minimum(start + per_split, K_GROUPS)
+
+
+@triton.jit
+def _arrives_last(count_ptr, SPLIT_K: tl.constexpr):
+    """Count this program's partial sum as written; True in the program that completes the count, which resets it.
+
+    The barrier orders every thread's partial store before the count (release); the last program's acquire then
+    sees all SPLIT_K partials, read through L2 (.cg)."""
+    tl.debug_barrier()
+    arrived = tl.atomic_add(count_ptr, 1, sem="acq_rel", scope="gpu")
+    last = arrived == SPLIT_K - 1
+    tl.atomic_xchg(count_ptr, 0, mask=last, sem="relaxed", scope="gpu")
+    return last
+
+
+@triton.autotune(configs=_GEMV_CONFIGS, key=["N", "K_GROUPS", "X_FORMAT"])
+@triton.jit
+def _gemv_nf4_kernel(x_ptr, words_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, code_ptr, out_ptr,
+                     partial_ptr, count_ptr, M, N, K_GROUPS, stride_xm, stride_om, X_FORMAT: tl.constexpr,
+                     NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, SHUFFLE: tl.constexpr,
+                     BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, SPLIT_K: tl.constexpr):
+    """One program per (BLOCK_N rows of W, row of x, K split); a second row of x (M = 2) re-reads W from L2.
+
+    With SPLIT_K > 1 each program writes an fp32 partial sum and the last of a row block's SPLIT_K programs adds
+    them in split order (deterministic) and stores the output: one launch, SPLIT_K times the programs in flight."""
+    block, row, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    n = block * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n < N
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        group = k0 // 64 + g  # (GROUPS,) absmax group within the row
-        g_mask = group < K // 64
-        byte = n[:, None, None] * (K // 2) + group[None, :, None] * 32 + i[None, None, :]
-        q = tl.load(packed_ptr + byte, mask=n_mask[:, None, None] & g_mask[None, :, None], other=0).to(tl.int32)
-        scale = _absmax(n[:, None] * (K // 64) + group[None, :], n_mask[:, None] & g_mask[None, :],
-                        absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, NESTED, NESTED_BLOCKSIZE)
-        # this step's 64-column groups of x, read contiguously, split into the even columns (paired with
-        # the high nibbles) and the odd ones; faster on an H100 than two stride-2 loads
-        column = group[:, None] * 64 + tl.arange(0, 64)[None, :]  # (GROUPS, 64)
-        x_tile = tl.load(x_row + column, mask=g_mask[:, None], other=0.0).to(tl.float32)
-        x_even, x_odd = tl.split(tl.reshape(x_tile, (GROUPS, 32, 2)))  # each (GROUPS, 32)
-        high = tl.load(code_ptr + (q >> 4))  # (BLOCK_N, GROUPS, 32): W[n, 2j] / scale
-        low = tl.load(code_ptr + (q & 15))  # W[n, 2j + 1] / scale
-        per_group = tl.sum(high * x_even[None, :, :] + low * x_odd[None, :, :], axis=2)  # (BLOCK_N, GROUPS)
-        acc += tl.sum(per_group * scale, axis=1)
-    tl.store(out_ptr + tl.program_id(1) * stride_om + n, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
+    x_row = x_ptr + row * stride_xm
+    g = tl.arange(0, GROUPS)
+    pair_in_group = tl.arange(0, 8)[None, :] * 4  # (1, 8): the first column pair of each word of a group
+    table = _code_table(code_ptr, SHUFFLE)
+    start, end = _split_range(split, K_GROUPS, GROUPS, SPLIT_K)
+    acc = tl.zeros((BLOCK_N, GROUPS, 8), dtype=tl.float32)  # reduced once, after the loop
+    words, scale = _load_words(words_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, n, n_mask,
+                               start + g, start + g < end, K_GROUPS, NESTED, NESTED_BLOCKSIZE)
+    for g0 in range(start, end, GROUPS):
+        group = g0 + g
+        g_mask = group < end
+        # the next step's words are loaded before this step's decoding, so the memory latency overlaps it
+        next_words, next_scale = _load_words(words_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
+                                             n, n_mask, group + GROUPS, group + GROUPS < end, K_GROUPS, NESTED,
+                                             NESTED_BLOCKSIZE)
+        part = tl.zeros((BLOCK_N, GROUPS, 8), dtype=tl.float32)
+        for b in tl.static_range(4):  # byte b of every word: columns 8w + 2b (high nibble) and 8w + 2b + 1 (low)
+            x_even, x_odd = _x_pair(x_row, group[:, None] * 32 + pair_in_group + b, g_mask[:, None], X_FORMAT)
+            part += _code(table, code_ptr, words >> (8 * b + 4), SHUFFLE) * x_even[None, :, :]
+            part += _code(table, code_ptr, words >> (8 * b), SHUFFLE) * x_odd[None, :, :]
+        acc += part * scale[:, :, None]
+        words, scale = next_words, next_scale
+    out = tl.sum(tl.sum(acc, axis=2), axis=1)
+    if SPLIT_K == 1:
+        tl.store(out_ptr + row * stride_om + n, out.to(out_ptr.dtype.element_ty), mask=n_mask)
+    else:
+        tl.store(partial_ptr + (split * M + row) * N + n, out, mask=n_mask)
+        if _arrives_last(count_ptr + row * tl.num_programs(0) + block, SPLIT_K):
+            total = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            for s in tl.static_range(SPLIT_K):
+                total += tl.load(partial_ptr + (s * M + row) * N + n, mask=n_mask, cache_modifier=".cg")
+            tl.store(out_ptr + row * stride_om + n, total.to(out_ptr.dtype.element_ty), mask=n_mask)
+
+
+@triton.jit
+def _decode_column(table, code_ptr, words, scale, e: tl.constexpr, SHUFFLE: tl.constexpr):
+    """W[n, 8w + e] for every word w of the tile, fp32 (BLOCK_N, GROUPS, 8): byte e // 2, high nibble if e is even."""
+    return _code(table, code_ptr, words >> (8 * (e // 2) + 4 * (1 - e % 2)), SHUFFLE) * scale[:, :, None]
+
+
+@triton.autotune(configs=_FEW_ROWS_CONFIGS, key=["N", "K_GROUPS", "M_PAD"])
+@triton.jit
+def _matmul_nf4_few_rows_kernel(x_ptr, words_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
+                                code_ptr, out_ptr, partial_ptr, count_ptr, M, N, K_GROUPS, stride_xm, stride_om,
+                                NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, SHUFFLE: tl.constexpr,
+                                M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
+                                SPLIT_K: tl.constexpr):
+    """out^T (BLOCK_N, M_PAD) = W tile (BLOCK_N, 64 GROUPS) @ x^T over one K split: W is the MMA's wide side.
+
+    Split K as in `_gemv_nf4_kernel`: fp32 partials, the last program of a row block adds them in split order."""
+    block, split = tl.program_id(0), tl.program_id(1)
+    n = block * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = n < N
+    m = tl.arange(0, M_PAD)
+    m_mask = m < M
+    g = tl.arange(0, GROUPS)
+    table = _code_table(code_ptr, SHUFFLE)
+    start, end = _split_range(split, K_GROUPS, GROUPS, SPLIT_K)
+    acc = tl.zeros((BLOCK_N, M_PAD), dtype=tl.float32)
+    words, scale = _load_words(words_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, n, n_mask,
+                               start + g, start + g < end, K_GROUPS, NESTED, NESTED_BLOCKSIZE)
+    for g0 in range(start, end, GROUPS):
+        group = g0 + g
+        next_words, next_scale = _load_words(words_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
+                                             n, n_mask, group + GROUPS, group + GROUPS < end, K_GROUPS, NESTED,
+                                             NESTED_BLOCKSIZE)
+        # the 8 columns of each word back in column order: tl.join appends a dimension, so the first join is the
+        # slowest one: (BLOCK_N, GROUPS, 8 words, e // 4, e // 2 % 2, e % 2) -> (BLOCK_N, 64 GROUPS)
+        c0 = _decode_column(table, code_ptr, words, scale, 0, SHUFFLE)
+        c1 = _decode_column(table, code_ptr, words, scale, 1, SHUFFLE)
+        c2 = _decode_column(table, code_ptr, words, scale, 2, SHUFFLE)
+        c3 = _decode_column(table, code_ptr, words, scale, 3, SHUFFLE)
+        c4 = _decode_column(table, code_ptr, words, scale, 4, SHUFFLE)
+        c5 = _decode_column(table, code_ptr, words, scale, 5, SHUFFLE)
+        c6 = _decode_column(table, code_ptr, words, scale, 6, SHUFFLE)
+        c7 = _decode_column(table, code_ptr, words, scale, 7, SHUFFLE)
+        even = tl.join(tl.join(c0, c4), tl.join(c2, c6))
+        odd = tl.join(tl.join(c1, c5), tl.join(c3, c7))
+        w_tile = tl.join(even, odd).reshape(BLOCK_N, GROUPS * 64)
+        column = g0 * 64 + tl.arange(0, GROUPS * 64)
+        x_tile = tl.load(x_ptr + m[None, :] * stride_xm + column[:, None],
+                         mask=m_mask[None, :] & (column[:, None] < end * 64), other=0.0)  # (64 GROUPS, M_PAD)
+        acc = tl.dot(w_tile.to(x_ptr.dtype.element_ty), x_tile, acc)  # W rounded as dequantize_nf4 rounds it
+        words, scale = next_words, next_scale
+    out = out_ptr + m[None, :] * stride_om + n[:, None]
+    mask = n_mask[:, None] & m_mask[None, :]
+    if SPLIT_K == 1:
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        partial = partial_ptr + m[None, :] * N + n[:, None]  # this split's (M, N) slice, transposed like `out`
+        tl.store(partial + split * M * N, acc, mask=mask)
+        if _arrives_last(count_ptr + block, SPLIT_K):
+            total = tl.zeros((BLOCK_N, M_PAD), dtype=tl.float32)
+            for s in tl.static_range(SPLIT_K):
+                total += tl.load(partial + s * M * N, mask=mask, cache_modifier=".cg")
+            tl.store(out, total.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 _buffers: dict[tuple, torch.Tensor] = {}
@@ -110,20 +280,67 @@ def _check_input(x: torch.Tensor, state: NF4State, width: int, who: str) -> None
         raise ValueError(f"{who}: weight shape {list(state.shape)}; expected 2-D (out_features, in_features)")
 
 
+def _words(state: NF4State) -> torch.Tensor | None:
+    """`packed` as int32 words, or None where the decoding kernels cannot read it (K % 64, alignment)."""
+    N, K = state.shape
+    if K % 64 != 0 or state.packed.data_ptr() % 16 != 0:
+        return None
+    return state.packed.reshape(-1).view(torch.int32)
+
+
 def matmul_nf4(x: torch.Tensor, state: NF4State) -> torch.Tensor:
     """x (..., K) @ W^T -> (..., N), W an NF4 weight (N, K) dequantized to x's dtype."""
     N, K = state.shape
     _check_input(x, state, K, "matmul_nf4")
     x2 = x.reshape(-1, K)
     M = x2.shape[0]
-    if M > SMALL_M or K % 64 != 0 or M == 0:
-        return F.linear(x, _dequantize_into_buffer(state, x.dtype))
-    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), M)  # noqa: E731
-    _matmul_nf4_small_m_kernel[grid](x2, state.packed, *nested_args(state), state.code, out, N, K,
-                                     x2.stride(0), out.stride(0), NESTED=state.nested,
-                                     NESTED_BLOCKSIZE=state.nested_blocksize)
+    words = _words(state)
+    if words is None or M == 0 or M > FEW_ROWS:
+        out = F.linear(x2, _dequantize_into_buffer(state, x.dtype))
+    elif M <= SMALL_M:
+        out = _gemv(x2, state, words)
+    elif x.dtype in (torch.float16, torch.bfloat16):
+        out = _matmul_few_rows(x2, state, words)
+    else:  # fp32 would need IEEE tl.dot (tf32 otherwise); only tests and CPU use fp32
+        out = F.linear(x2, _dequantize_into_buffer(state, x.dtype))
     return out.reshape(*x.shape[:-1], N)
+
+
+_split_k_workspaces: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _split_k_workspace(M: int, N: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 partial sums (MAX_SPLIT_K, M, N) and zeroed arrival counters (M, N / MIN_BLOCK_N), reused per shape.
+
+    Reuse is safe on one stream (a call finishes before the next starts, and leaves the counters at zero)."""
+    key = (M, N, device)
+    if key not in _split_k_workspaces:
+        _split_k_workspaces[key] = (torch.empty(MAX_SPLIT_K * M * N, dtype=torch.float32, device=device),
+                                    torch.zeros(M * triton.cdiv(N, MIN_BLOCK_N), dtype=torch.int32, device=device))
+    return _split_k_workspaces[key]
+
+
+def _gemv(x2: torch.Tensor, state: NF4State, words: torch.Tensor) -> torch.Tensor:
+    (M, K), N = x2.shape, state.shape[0]
+    out = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
+    x_format = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[x2.dtype]
+    x_arg = x2 if x_format == 0 else x2.view(torch.int32)  # 16-bit x read as column pairs
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), M, meta["SPLIT_K"])  # noqa: E731
+    _gemv_nf4_kernel[grid](x_arg, words, *nested_args(state), state.code, out, *_split_k_workspace(M, N, x2.device),
+                           M, N, K // 64, x_arg.stride(0), out.stride(0), X_FORMAT=x_format, NESTED=state.nested,
+                           NESTED_BLOCKSIZE=state.nested_blocksize, SHUFFLE=not INTERPRET)
+    return out
+
+
+def _matmul_few_rows(x2: torch.Tensor, state: NF4State, words: torch.Tensor) -> torch.Tensor:
+    (M, K), N = x2.shape, state.shape[0]
+    out = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
+    _matmul_nf4_few_rows_kernel[grid](x2, words, *nested_args(state), state.code, out,
+                                      *_split_k_workspace(M, N, x2.device), M, N, K // 64, x2.stride(0),
+                                      out.stride(0), NESTED=state.nested, NESTED_BLOCKSIZE=state.nested_blocksize,
+                                      SHUFFLE=not INTERPRET, M_PAD=max(16, triton.next_power_of_2(M)))
+    return out
 
 
 def matmul_nf4_t(g: torch.Tensor, state: NF4State) -> torch.Tensor:

@@ -8,7 +8,7 @@ import torch
 
 from kernels import backend
 from kernels.nf4_dequant import dequantize_nf4, dequantize_nf4_lora, dequantize_nf4_lora_reference
-from kernels.nf4_matmul import SMALL_M, matmul_nf4, matmul_nf4_t
+from kernels.nf4_matmul import FEW_ROWS, SMALL_M, matmul_nf4, matmul_nf4_t
 from minilora import nf4
 
 CPU_DTYPES = [torch.float32, torch.float16]
@@ -102,11 +102,12 @@ def test_dequantize_with_lora_validates_inputs():
         dequantize_nf4_lora(state, torch.randn(4, 128), torch.randn(8, 3), 1.0, torch.float32)
 
 
-# ---- matmuls: fused GEMV (M <= SMALL_M, K % 64 == 0) and dequant + matmul otherwise ----
+# ---- matmuls: GEMV (M <= SMALL_M), tensor-core kernel (M <= FEW_ROWS, 16-bit x), dequant + matmul otherwise ----
+# (K % 64 != 0 always takes dequant + matmul)
 
 @pytest.mark.parametrize("nested", [True, False])
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
-@pytest.mark.parametrize("m", [1, SMALL_M, SMALL_M + 3])  # fused GEMV (one and several rows), dequant + matmul
+@pytest.mark.parametrize("m", [SMALL_M, 2, 5, 17, FEW_ROWS + 1])  # M_PAD 16 and 32 for the few-row kernel
 @pytest.mark.parametrize("n,k", [(37, 192), (20, 70)])  # K not a multiple of BLOCK_K; K % 64 != 0 falls back
 def test_matmul_matches_reference(n, k, m, dtype, nested):
     state = _state(n, k, nested=nested)
@@ -115,6 +116,32 @@ def test_matmul_matches_reference(n, k, m, dtype, nested):
     _assert_matmul_close(matmul_nf4(x, state), x, w, f"x @ W^T, M={m}")
     g = torch.randn(m, n).to(dtype)
     _assert_matmul_close(matmul_nf4_t(g, state), g, w.T, f"g @ W, M={m}")
+
+
+@pytest.mark.parametrize("m", [1, 5])  # GEMV, few-rows kernel (both split K in the interpreter's config)
+def test_split_k_leaves_counters_at_zero_and_repeats_exactly(m):
+    """The last program of a split resets its arrival counter, so a second call (a CUDA-graph replay) is identical."""
+    from kernels import nf4_matmul
+
+    state = _state(40, 192)
+    x = torch.randn(m, 192).half()
+    first, second = matmul_nf4(x, state), matmul_nf4(x, state)
+    assert torch.equal(first, second)
+    _assert_matmul_close(first, x, nf4.dequantize_nf4(state, torch.float16), f"split K, M={m}")
+    _, counts = nf4_matmul._split_k_workspace(m, 40, x.device)
+    assert not counts.any(), f"arrival counters left at {counts.unique().tolist()}"
+
+
+def test_matmul_reads_misaligned_packed_through_dequant():
+    """A `packed` view not on a 16-byte boundary cannot be read as int32 words: the dequant path takes it."""
+    state = _state(8, 128)
+    storage = torch.zeros(state.packed.numel() + 3, dtype=torch.uint8)
+    shifted = storage[3:].view_as(state.packed)
+    shifted.copy_(state.packed)
+    moved = nf4.NF4State(shifted, state.absmax, state.code, state.shape, state.dtype, state.nested_absmax,
+                         state.nested_code, state.offset)
+    x = torch.randn(1, 128)
+    _assert_matmul_close(matmul_nf4(x, moved), x, nf4.dequantize_nf4(state), "misaligned packed")
 
 
 def test_matmul_keeps_leading_dims():
