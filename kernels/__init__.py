@@ -1,7 +1,8 @@
 """minilora's Triton kernels, one file per kernel family, each beside its torch reference.
 
 - nf4_dequant.py: NF4 (double-quant aware) -> fp16/bf16/fp32 weight; reference `minilora.nf4.dequantize_nf4`.
-- nf4_matmul.py:  x @ W^T with W in NF4 (fused GEMV for decoding, dequant + cuBLAS otherwise) and g @ W.
+- nf4_matmul.py:  x @ W^T with W in NF4 (GEMV at 1 row, W decoded in registers for the tensor cores at 2-64 rows,
+                  dequant + cuBLAS otherwise) and g @ W.
 - backend.py:     the one setting that picks who runs the 4-bit work: "torch", "triton" or "bnb".
 - rmsnorm.py, rope.py, glu.py, cross_entropy.py: the training kernels (see each file's docstring).
 

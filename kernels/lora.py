@@ -32,7 +32,7 @@ import torch
 from kernels.lora_backward import lora_grads
 
 # Below this many rows (decoding an adapter) the LoRA branch is cheaper than dequantizing a merged weight:
-# the base then takes the 4-bit GEMV (kernels/nf4_matmul.py).
+# the base then takes the 4-bit decode kernels (kernels/nf4_matmul.py: GEMV at 1 row, few-rows kernel to 64).
 MERGE_MIN_ROWS = 64
 
 
@@ -46,7 +46,7 @@ def _merges(base, rows, dropout_mask, device):
 
 
 def _base_matmul(x2, base, dtype):
-    """x2 @ W^T for the frozen base: the 4-bit matmul (GEMV for few rows) or a cast float weight."""
+    """x2 @ W^T for the frozen base: the 4-bit matmul (its decode kernels for few rows) or a cast float weight."""
     if hasattr(base, "weight_packed"):
         from kernels.backend import matmul
 
