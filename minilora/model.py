@@ -112,15 +112,20 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(D, Hkv * Dh, bias=config.qkv_bias)
         self.v_proj = nn.Linear(D, Hkv * Dh, bias=config.qkv_bias)
         self.o_proj = nn.Linear(H * Dh, D, bias=config.o_bias)
+        self.joined_qkv = None  # decoding: q/k/v as one 4-bit matmul (generate.join_projections)
         if config.qk_norm:  # Gemma 3: per-head RMSNorm of q and k before RoPE
             self.q_norm = RMSNorm(Dh, config.rms_norm_eps, config.norm_unit_offset)
             self.k_norm = RMSNorm(Dh, config.rms_norm_eps, config.norm_unit_offset)
 
     def forward(self, x, cos, sin, mask, cache=None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Dh)
+        if self.joined_qkv is not None and self.joined_qkv.applies_to(self.q_proj, self.k_proj, self.v_proj):
+            q, k, v = self.joined_qkv(x)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Dh)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, Dh), (B, Hkv, T, Dh)
@@ -158,17 +163,21 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(D, Fd, bias=bias)
         self.down_proj = nn.Linear(Fd, D, bias=bias)
         self.activation = config.activation
+        self.joined_gate_up = None  # decoding: gate/up as one 4-bit matmul (generate.join_projections)
 
     def forward(self, x):
-        gate = self.gate_proj(x)
+        if self.joined_gate_up is not None and self.joined_gate_up.applies_to(self.gate_proj, self.up_proj):
+            gate, up = (part.contiguous() for part in self.joined_gate_up(x))  # views of one result: copies if > 1 row
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
         if self.activation != "gelu" and use_triton(x):
             glu = triton_ops()["swiglu" if self.activation == "silu" else "geglu"]
-            return self.down_proj(glu(gate, self.up_proj(x)))
+            return self.down_proj(glu(gate, up))
         if self.activation == "silu":
             gate = F.silu(gate)  # SwiGLU
         else:  # GeGLU; Gemma uses the tanh approximation
             gate = F.gelu(gate, approximate="tanh" if self.activation == "gelu_tanh" else "none")
-        return self.down_proj(gate * self.up_proj(x))
+        return self.down_proj(gate * up)
 
 
 class Block(nn.Module):
@@ -290,6 +299,11 @@ class Transformer(nn.Module):
             window = c.layer_windows[i]
             if window not in masks:
                 masks[window] = build_mask(positions, segments_q, window, cache)
+                if cache is not None and masks[window] is not None and c.attn_logit_softcap is None:
+                    # SDPA turns a boolean mask into its additive form (0 / -inf in the query dtype) inside every
+                    # call: three kernels per layer in a decode step; once per forward gives the same numbers
+                    masks[window] = torch.zeros(masks[window].shape, dtype=x.dtype,
+                                                device=x.device).masked_fill_(~masks[window], float("-inf"))
             cos, sin = rope_tables["local" if (c.local_rope is not None and window is not None) else "global"]
             if i < checkpointed:
                 x = torch.utils.checkpoint.checkpoint(_recomputable(layer), x, cos, sin, masks[window], cache,

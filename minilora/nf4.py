@@ -16,8 +16,9 @@ Dequantization is `code[q] * absmax` computed in fp32, then cast once to the out
 bitsandbytes rounds slightly differently on CPU and CUDA; `_BNB_CUDA` marks the few lines that copy
 whichever device the tensor is on, so the bytes match bitsandbytes run on the same device.
 
-Also here: `Linear4bit`, the frozen 4-bit linear layer, and the conversion to and from the
-Hugging Face + bitsandbytes checkpoint layout for one linear (`to_hf_state` / `from_hf_state`).
+Also here: `Linear4bit`, the frozen 4-bit linear layer; `JoinedLinear4bit`, several of them read as one for
+decoding; and the conversion to and from the Hugging Face + bitsandbytes checkpoint layout for one linear
+(`to_hf_state` / `from_hf_state`).
 """
 from __future__ import annotations
 
@@ -293,6 +294,60 @@ class Linear4bit(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"dtype={self.weight_dtype}, nested={self.weight_nested_absmax is not None}, backend={self.backend}")
+
+
+class JoinedLinear4bit:
+    """Linear4bit layers that read the same input, run as one 4-bit matmul: their rows stacked into one NF4 weight.
+
+    For decoding, where each matmul launch has a fixed cost (benchmarks/RESULTS.md: ~4.7 µs per GEMV on an H100)
+    that q/k/v and gate/up would otherwise pay three and two times. The layers' packed bytes move into one buffer
+    that each layer then views (no second copy of the weights); the absmax is kept decoded to fp32
+    (`dequantize_absmax`: the values the layers dequantize with), as double quantization's per-tensor offset does
+    not concatenate. Not an nn.Module on purpose: nothing here is saved, trained or moved with the model, and
+    `applies_to` turns False once a layer is replaced (a LoRA wrapper), moved or re-stored, and under autograd.
+    """
+
+    def __init__(self, layers):
+        first = layers[0]
+        for layer in layers:
+            same = (type(layer) is Linear4bit and layer.in_features == first.in_features
+                    and layer.weight_dtype == first.weight_dtype and layer.backend == first.backend
+                    and layer.blocksize == first.blocksize and layer.quant_dtype == first.quant_dtype)
+            if not same or layer.weight_packed.dtype != torch.uint8 or layer.in_features % layer.blocksize:
+                raise ValueError(f"JoinedLinear4bit: {layer} cannot join {first} (needs Linear4bit layers of one input "
+                                 "width, dtype and backend, uint8 packed bytes, rows a whole number of blocks)")
+            if not torch.equal(layer.weight_code, first.weight_code):
+                raise ValueError("JoinedLinear4bit: the layers use different 4-bit codes")
+        packed = torch.cat([layer.weight_packed.reshape(-1) for layer in layers])
+        start = 0
+        for layer in layers:
+            count = layer.weight_packed.numel()
+            layer.weight_packed = packed[start:start + count].view(layer.weight_packed.shape)  # the buffer, as a view
+            start += count
+        self.layers, self.widths = tuple(layers), [layer.out_features for layer in layers]
+        self.dtype, self.backend = first.weight_dtype, first.backend
+        self.state = NF4State(packed.reshape(-1, 1), torch.cat([dequantize_absmax(layer.state) for layer in layers]),
+                              first.weight_code, torch.Size((sum(self.widths), first.in_features)), first.quant_dtype)
+        self.bias = None
+        if any(layer.bias is not None for layer in layers):
+            self.bias = torch.cat([layer.bias.detach() if layer.bias is not None else
+                                   torch.zeros(layer.out_features, dtype=self.dtype, device=packed.device)
+                                   for layer in layers])
+        self._packed_at = tuple(layer.weight_packed.data_ptr() for layer in layers)
+
+    def holds(self, *layers) -> bool:
+        """True when `layers` are the joined ones and still view the joined bytes."""
+        return layers == self.layers and all(layer.weight_packed.data_ptr() == at
+                                             for layer, at in zip(layers, self._packed_at))
+
+    def applies_to(self, *layers) -> bool:
+        """True when `holds(*layers)` and no gradient is wanted (training keeps each layer's own path)."""
+        return not torch.is_grad_enabled() and self.holds(*layers)
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Each layer's output for x, as views of one (..., sum of out_features) result."""
+        y = _kernels_backend().linear_nf4(x.to(self.dtype), self.state, self.bias, self.backend)
+        return y.split(self.widths, dim=-1)
 
 
 # ---- Hugging Face + bitsandbytes checkpoint layout (bitsandbytes QuantState.as_dict(packed=True)) ----

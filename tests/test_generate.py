@@ -203,3 +203,20 @@ def test_generation_benchmark_logic_on_cpu(tmp_path):
     text = results.read_text()
     assert "Outputs agree (nf4, prefill logits of 2 prompts): yes" in text
     assert text.count("\n| nf4 | ") == 2 and "Scoring run" in text
+
+
+def test_decoder_joins_nf4_projections_and_greedy_output_is_unchanged(tmp_path):
+    """A Decoder joins each block's 4-bit q/k/v and gate/up (one matmul each); greedy tokens equal those of
+    the model's own forward run before any joining (full recomputation per token, no cache)."""
+    make_checkpoint("qwen2", tmp_path, seed=7)  # q/k/v biases: the joined bias
+    model, tok = load_model(str(tmp_path), dtype=torch.float32, device="cpu", quantize="nf4")
+    prompt = tok.encode(TEXTS[0], add_special_tokens=True)
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(NEW):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    assert all(block.self_attn.joined_qkv is None for block in model.model.layers)
+    out = generate(model, [prompt], NEW, stop_ids=[], pad_id=tok.pad_id)
+    assert all(block.self_attn.joined_qkv is not None and block.mlp.joined_gate_up is not None
+               for block in model.model.layers)
+    assert out == [ids[len(prompt):]]

@@ -259,3 +259,52 @@ def test_shadowing_kernels_package_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "kernels", types.ModuleType("kernels"))  # PyPI's `kernels`
     with pytest.raises(ImportError, match="not minilora's kernels package"):
         lin(torch.randn(2, 64))
+
+
+# ---- JoinedLinear4bit: several Linear4bit of one input as one matmul (decoding) ----
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])  # triton: the interpreter's GEMV / few-rows kernel
+@pytest.mark.parametrize("rows", [1, 5])
+def test_joined_layers_compute_each_layer_and_share_its_bytes(backend, rows):
+    """Outputs equal each layer's own (float64 reference), the layers view one buffer holding their unchanged
+    bytes, and a nested and a flat absmax layer join (the joined absmax is the decoded fp32 one)."""
+    torch.manual_seed(0)
+    layers = [nf4.Linear4bit.from_weight(torch.randn(n, 128), b, compress_statistics=nested, backend=backend,
+                                         dtype=torch.float16)
+              for n, b, nested in [(40, torch.randn(40), True), (24, None, False), (24, torch.randn(24), True)]]
+    packed_before = [layer.weight_packed.clone() for layer in layers]
+    alone_before = [layer.state for layer in layers]
+    joined = nf4.JoinedLinear4bit(layers)
+    x = torch.randn(rows, 128).half()
+    with torch.no_grad():
+        parts = joined(x)
+    for layer, part, before, state in zip(layers, parts, packed_before, alone_before):
+        assert torch.equal(layer.weight_packed, before)  # same bytes, now a view of the joined buffer
+        assert layer.weight_packed.untyped_storage().data_ptr() == joined.state.packed.untyped_storage().data_ptr()
+        w64, b64 = nf4.dequantize_nf4(state, torch.float64), 0 if layer.bias is None else layer.bias.double()
+        ref = x.double() @ w64.T + b64
+        # fp32 sums, a cast to fp16, then the bias added in fp16: a few fp16 roundings of the terms' magnitude
+        bound = 4 * torch.finfo(torch.float16).eps * (x.double().abs() @ w64.abs().T + abs(b64))
+        assert ((part.double() - ref).abs() <= bound).all()
+        with torch.no_grad():
+            torch.testing.assert_close(part, layer(x), rtol=2e-3, atol=2e-3)
+
+
+def test_joined_layers_apply_only_while_they_hold():
+    layers = [nf4.Linear4bit.from_weight(torch.randn(n, 64), None, backend="torch") for n in (16, 8)]
+    joined = nf4.JoinedLinear4bit(layers)
+    with torch.no_grad():
+        assert joined.applies_to(*layers)
+        assert not joined.applies_to(layers[1], layers[0])  # another set of layers
+    assert not joined.applies_to(*layers)  # autograd on: training keeps each layer's own path
+    layers[0].weight_packed = layers[0].weight_packed.clone()  # moved / re-stored
+    with torch.no_grad():
+        assert not joined.applies_to(*layers) and not joined.holds(*layers)
+
+
+def test_joining_unlike_layers_is_refused():
+    a = nf4.Linear4bit.from_weight(torch.randn(8, 64), None, backend="torch")
+    with pytest.raises(ValueError, match="cannot join"):
+        nf4.JoinedLinear4bit([a, nf4.Linear4bit.from_weight(torch.randn(8, 128), None, backend="torch")])
+    with pytest.raises(ValueError, match="cannot join"):
+        nf4.JoinedLinear4bit([a, nf4.Linear4bit.from_weight(torch.randn(8, 64), None, backend="triton")])

@@ -73,3 +73,20 @@ def test_minilora_loads_what_transformers_bitsandbytes_saves(tmp_path):
     dense, _ = load_model(str(tmp_path / "nf4"))  # without quantize the 4-bit weights are dequantized
     with torch.no_grad():
         assert torch.allclose(dense(ids), model(ids), atol=1e-5, rtol=0)
+
+
+def test_saving_after_decoding_writes_each_layers_own_bytes(tmp_path):
+    """A Decoder joins q/k/v and gate/up into one buffer that the layers view (generate.join_projections);
+    saving afterwards still writes every layer's own tensors, the same as before the joining."""
+    from safetensors.torch import load_file
+
+    from minilora.generate import join_projections
+
+    make_checkpoint("llama", tmp_path / "float", intermediate_size=128)
+    model, _ = load_model(str(tmp_path / "float"), quantize="nf4")
+    save_quantized(model, str(tmp_path / "before"), compute_dtype="float32")
+    join_projections(model)
+    assert model.model.layers[0].self_attn.joined_qkv is not None
+    save_quantized(model, str(tmp_path / "after"), compute_dtype="float32")
+    before, after = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("before", "after"))
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
