@@ -295,13 +295,12 @@ def matmul_nf4(x: torch.Tensor, state: NF4State) -> torch.Tensor:
     x2 = x.reshape(-1, K)
     M = x2.shape[0]
     words = _words(state)
-    if words is None or M == 0 or M > FEW_ROWS:
-        out = F.linear(x2, _dequantize_into_buffer(state, x.dtype))
-    elif M <= SMALL_M:
+    if words is not None and 0 < M <= SMALL_M:
         out = _gemv(x2, state, words)
-    elif x.dtype in (torch.float16, torch.bfloat16):
+    # fp32 x would need an IEEE tl.dot (tf32 otherwise); only tests and CPU runs use fp32
+    elif words is not None and SMALL_M < M <= FEW_ROWS and x.dtype in (torch.float16, torch.bfloat16):
         out = _matmul_few_rows(x2, state, words)
-    else:  # fp32 would need IEEE tl.dot (tf32 otherwise); only tests and CPU use fp32
+    else:
         out = F.linear(x2, _dequantize_into_buffer(state, x.dtype))
     return out.reshape(*x.shape[:-1], N)
 
@@ -324,6 +323,8 @@ def _gemv(x2: torch.Tensor, state: NF4State, words: torch.Tensor) -> torch.Tenso
     (M, K), N = x2.shape, state.shape[0]
     out = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
     x_format = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[x2.dtype]
+    if x_format and x2.data_ptr() % 4:  # a view starting mid-pair cannot be read as int32 pairs
+        x2 = x2.clone()
     x_arg = x2 if x_format == 0 else x2.view(torch.int32)  # 16-bit x read as column pairs
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), M, meta["SPLIT_K"])  # noqa: E731
     _gemv_nf4_kernel[grid](x_arg, words, *nested_args(state), state.code, out, *_split_k_workspace(M, N, x2.device),

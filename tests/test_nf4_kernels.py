@@ -144,6 +144,15 @@ def test_matmul_reads_misaligned_packed_through_dequant():
     _assert_matmul_close(matmul_nf4(x, moved), x, nf4.dequantize_nf4(state), "misaligned packed")
 
 
+def test_gemv_reads_a_16_bit_row_starting_mid_pair():
+    """x as a contiguous view one fp16 element into its storage: not readable as int32 pairs in place."""
+    state = _state(24, 128)
+    storage = torch.randn(129).half()
+    x = storage[1:].view(1, 128)
+    assert x.data_ptr() % 4 != 0
+    _assert_matmul_close(matmul_nf4(x, state), x, nf4.dequantize_nf4(state, torch.float16), "mid-pair x")
+
+
 def test_matmul_keeps_leading_dims():
     state = _state(24, 128)
     x = torch.randn(2, 3, 128)
