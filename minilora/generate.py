@@ -109,11 +109,12 @@ def join_projections(model):
             joined = getattr(owner, attr)
             if joined is not None and joined.holds(*layers):
                 continue
+            setattr(owner, attr, None)  # a stale join (layers since wrapped by LoRA, moved) holds memory for nothing
             if all(type(layer) is Linear4bit for layer in layers):
                 try:
                     setattr(owner, attr, JoinedLinear4bit(layers))
                 except ValueError:  # layers that cannot share one weight (widths, dtypes, backends)
-                    setattr(owner, attr, None)
+                    pass
 
 
 class Decoder:

@@ -220,3 +220,23 @@ def test_decoder_joins_nf4_projections_and_greedy_output_is_unchanged(tmp_path):
     assert all(block.self_attn.joined_qkv is not None and block.mlp.joined_gate_up is not None
                for block in model.model.layers)
     assert out == [ids[len(prompt):]]
+
+
+def test_lora_applied_after_joining_takes_the_layers_own_path(tmp_path):
+    """evaluate.py's order: the base model decodes (its projections joined), then an adapter wraps the layers:
+    the joined matmul no longer applies (LoRA would be skipped), the next decoder drops the stale joins, and a
+    zero-initialised adapter leaves the greedy tokens as they were."""
+    from minilora.lora import apply_lora
+
+    make_checkpoint("llama", tmp_path, seed=8)
+    model, tok = load_model(str(tmp_path), dtype=torch.float32, device="cpu", quantize="nf4")
+    prompts = [tok.encode(t, add_special_tokens=True) for t in TEXTS]
+    base = generate(model, prompts, NEW, stop_ids=[], pad_id=tok.pad_id)
+    attn = model.model.layers[0].self_attn
+    assert attn.joined_qkv is not None
+    apply_lora(model, r=4, alpha=8)
+    with torch.no_grad():
+        assert not attn.joined_qkv.applies_to(attn.q_proj, attn.k_proj, attn.v_proj)
+    assert generate(model, prompts, NEW, stop_ids=[], pad_id=tok.pad_id) == base
+    assert all(block.self_attn.joined_qkv is None and block.mlp.joined_gate_up is None
+               for block in model.model.layers)
