@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from kernels.nf4_dequant import _absmax, check_state, dequantize_nf4, nested_args
+from kernels.pdl import let_dependents_start, pdl_enabled, wait_for_inputs
 from minilora.nf4 import NF4State
 from minilora.nf4 import dequantize_nf4 as dequantize_nf4_reference
 
@@ -148,12 +149,14 @@ def _arrives_last(count_ptr, SPLIT_K: tl.constexpr):
 @triton.jit
 def _gemv_nf4_kernel(x_ptr, words_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, code_ptr, out_ptr,
                      partial_ptr, count_ptr, M, N, K_GROUPS, stride_xm, stride_om, X_FORMAT: tl.constexpr,
-                     NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, SHUFFLE: tl.constexpr,
+                     NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, SHUFFLE: tl.constexpr, PDL: tl.constexpr,
                      BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, SPLIT_K: tl.constexpr):
     """One program per (BLOCK_N rows of W, row of x, K split); a second row of x (M = 2) re-reads W from L2.
 
     With SPLIT_K > 1 each program writes an fp32 partial sum and the last of a row block's SPLIT_K programs adds
-    them in split order (deterministic) and stores the output: one launch, SPLIT_K times the programs in flight."""
+    them in split order (deterministic) and stores the output: one launch, SPLIT_K times the programs in flight.
+    With PDL (kernels/pdl.py) the first weights are requested before waiting for x."""
+    let_dependents_start(PDL)
     block, row, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n = block * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n < N
@@ -165,6 +168,7 @@ def _gemv_nf4_kernel(x_ptr, words_ptr, absmax_ptr, nested_absmax_ptr, nested_cod
     acc = tl.zeros((BLOCK_N, GROUPS, 8), dtype=tl.float32)  # reduced once, after the loop
     words, scale = _load_words(words_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, n, n_mask,
                                start + g, start + g < end, K_GROUPS, NESTED, NESTED_BLOCKSIZE)
+    wait_for_inputs(PDL)  # x, the workspace and the output come after the previous kernel
     for g0 in range(start, end, GROUPS):
         group = g0 + g
         g_mask = group < end
@@ -202,11 +206,12 @@ def _decode_column(table, code_ptr, words, scale, e: tl.constexpr, SHUFFLE: tl.c
 def _matmul_nf4_few_rows_kernel(x_ptr, words_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
                                 code_ptr, out_ptr, partial_ptr, count_ptr, M, N, K_GROUPS, stride_xm, stride_om,
                                 NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, SHUFFLE: tl.constexpr,
-                                M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
+                                PDL: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
                                 SPLIT_K: tl.constexpr):
     """out^T (BLOCK_N, M_PAD) = W tile (BLOCK_N, 64 GROUPS) @ x^T over one K split: W is the MMA's wide side.
 
     Split K as in `_gemv_nf4_kernel`: fp32 partials, the last program of a row block adds them in split order."""
+    let_dependents_start(PDL)
     block, split = tl.program_id(0), tl.program_id(1)
     n = block * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n < N
@@ -218,6 +223,7 @@ def _matmul_nf4_few_rows_kernel(x_ptr, words_ptr, absmax_ptr, nested_absmax_ptr,
     acc = tl.zeros((BLOCK_N, M_PAD), dtype=tl.float32)
     words, scale = _load_words(words_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, n, n_mask,
                                start + g, start + g < end, K_GROUPS, NESTED, NESTED_BLOCKSIZE)
+    wait_for_inputs(PDL)
     for g0 in range(start, end, GROUPS):
         group = g0 + g
         next_words, next_scale = _load_words(words_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
@@ -327,9 +333,10 @@ def _gemv(x2: torch.Tensor, state: NF4State, words: torch.Tensor) -> torch.Tenso
         x2 = x2.clone()
     x_arg = x2 if x_format == 0 else x2.view(torch.int32)  # 16-bit x read as column pairs
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), M, meta["SPLIT_K"])  # noqa: E731
+    pdl = pdl_enabled(x2.device)
     _gemv_nf4_kernel[grid](x_arg, words, *nested_args(state), state.code, out, *_split_k_workspace(M, N, x2.device),
                            M, N, K // 64, x_arg.stride(0), out.stride(0), X_FORMAT=x_format, NESTED=state.nested,
-                           NESTED_BLOCKSIZE=state.nested_blocksize, SHUFFLE=not INTERPRET)
+                           NESTED_BLOCKSIZE=state.nested_blocksize, SHUFFLE=not INTERPRET, PDL=pdl, launch_pdl=pdl)
     return out
 
 
@@ -337,10 +344,12 @@ def _matmul_few_rows(x2: torch.Tensor, state: NF4State, words: torch.Tensor) -> 
     (M, K), N = x2.shape, state.shape[0]
     out = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
+    pdl = pdl_enabled(x2.device)
     _matmul_nf4_few_rows_kernel[grid](x2, words, *nested_args(state), state.code, out,
                                       *_split_k_workspace(M, N, x2.device), M, N, K // 64, x2.stride(0),
                                       out.stride(0), NESTED=state.nested, NESTED_BLOCKSIZE=state.nested_blocksize,
-                                      SHUFFLE=not INTERPRET, M_PAD=max(16, triton.next_power_of_2(M)))
+                                      SHUFFLE=not INTERPRET, PDL=pdl, M_PAD=max(16, triton.next_power_of_2(M)),
+                                      launch_pdl=pdl)
     return out
 
 

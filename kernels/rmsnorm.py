@@ -27,7 +27,17 @@ and writes one row of a (P, D) fp32 buffer, which torch sums. A frozen weight (Q
 and that buffer, and then the backward runs one program per row, as the forward does; an input that
 needs no gradient skips dx.
 
-Test: tests/test_train_kernels.py. Benchmark: benchmarks/train_kernels.py.
+Residual add + RMSNorm, forward only, for decoding (`add_rms_norm_triton`, reference `add_rms_norm_torch`):
+
+    summed = x + delta                                       fp32 add, rounded once to x's dtype (as torch)
+    normed = rms_norm(summed)                                the forward above, on the rounded `summed`
+
+One launch instead of two (torch's add, then the norm): at batch 1 the launches, not the bytes, cost the
+time. Both outputs are new tensors; x and delta are left unchanged. The norm is the same jitted code
+(`_rms_norm_row`) at the same block size and warp count as rms_norm_triton's forward, so `normed` equals
+rms_norm_triton(summed) bit for bit (tested under the interpreter; `-m gpu` tests the compiled kernels).
+
+Tests: tests/test_train_kernels.py, tests/test_add_rms_norm.py. Benchmark: benchmarks/train_kernels.py.
 """
 import functools
 import os
@@ -36,16 +46,17 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.pdl import let_dependents_start, pdl_enabled, wait_for_inputs
+
 _MAX_D = 65536  # a row must fit one block of registers
 
 
 @triton.jit
-def _rms_norm_forward_kernel(x_ptr, weight_ptr, y_ptr, rstd_ptr, D, eps,
-                             UNIT_OFFSET: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK_SIZE)
-    mask = cols < D
-    x = tl.load(x_ptr + row * D + cols, mask=mask, other=0.0)
+def _rms_norm_row(x, weight_ptr, cols, mask, D, eps, UNIT_OFFSET: tl.constexpr):
+    """One row's norm from its loaded values x (x's dtype, 0 where masked): (y in fp32, rstd).
+
+    Shared by both forward kernels so that they compute the same roundings in the same order.
+    """
     x32 = x.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(x32 * x32, axis=0) / D + eps)
     h = x32 * rstd
@@ -55,9 +66,43 @@ def _rms_norm_forward_kernel(x_ptr, weight_ptr, y_ptr, rstd_ptr, D, eps,
     else:
         # Llama: round h to x's dtype before the weight multiplies it. The product of two 16-bit
         # floats is exact in fp32, so rounding it on store equals torch's 16-bit multiply.
-        y = w * h.to(x_ptr.dtype.element_ty).to(tl.float32)
+        y = w * h.to(x.dtype).to(tl.float32)
+    return y, rstd
+
+
+@triton.jit
+def _rms_norm_forward_kernel(x_ptr, weight_ptr, y_ptr, rstd_ptr, D, eps,
+                             UNIT_OFFSET: tl.constexpr, BLOCK_SIZE: tl.constexpr, PDL: tl.constexpr):
+    let_dependents_start(PDL)  # kernels/pdl.py: the 4-bit matmul after the norm may start its weight reads
+    wait_for_inputs(PDL)
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_SIZE)
+    mask = cols < D
+    x = tl.load(x_ptr + row * D + cols, mask=mask, other=0.0)
+    y, rstd = _rms_norm_row(x, weight_ptr, cols, mask, D, eps, UNIT_OFFSET)
     tl.store(y_ptr + row * D + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
     tl.store(rstd_ptr + row, rstd)
+
+
+@triton.jit
+def _add_rms_norm_kernel(x_ptr, delta_ptr, weight_ptr, summed_ptr, y_ptr, D, eps,
+                         UNIT_OFFSET: tl.constexpr, BLOCK_SIZE: tl.constexpr, PDL: tl.constexpr):
+    let_dependents_start(PDL)
+    wait_for_inputs(PDL)
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_SIZE)
+    mask = cols < D
+    offsets = row * D + cols
+    x = tl.load(x_ptr + offsets, mask=mask, other=0.0)
+    delta = tl.load(delta_ptr + offsets, mask=mask, other=0.0)
+    # torch adds 16-bit floats in fp32 and rounds the sum to nearest even, as this cast does (fp32 in:
+    # no cast). fp32's 24 bits are at least 2p + 2 for p = 8 (bf16) and 11 (fp16), so rounding twice
+    # (the fp32 add, then the cast) equals rounding the exact sum once: both codes get the same bits.
+    summed = (x.to(tl.float32) + delta.to(tl.float32)).to(x.dtype)
+    tl.store(summed_ptr + offsets, summed, mask=mask)
+    # the norm reads the rounded sum, as the unfused rms_norm_triton(x + delta) does
+    y, rstd = _rms_norm_row(summed, weight_ptr, cols, mask, D, eps, UNIT_OFFSET)
+    tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -108,27 +153,27 @@ def rms_norm_torch(x, weight, eps, unit_offset=False):
 def _check_launchable(x, name):
     if not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
         raise ValueError(f"{name}: tensor is on {x.device}; the Triton kernels need a CUDA tensor "
-                         "(or TRITON_INTERPRET=1 set before triton is imported); use rms_norm_torch")
+                         "(or TRITON_INTERPRET=1 set before triton is imported); use the *_torch reference")
 
 
-def _validate(x, weight, eps):
-    _check_launchable(x, "rms_norm_triton")
+def _validate(x, weight, eps, name="rms_norm_triton"):
+    _check_launchable(x, name)
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"rms_norm_triton: x dtype {x.dtype}, expected float16, bfloat16 or float32")
+        raise ValueError(f"{name}: x dtype {x.dtype}, expected float16, bfloat16 or float32")
     if weight.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"rms_norm_triton: weight dtype {weight.dtype}, expected a float dtype")
+        raise ValueError(f"{name}: weight dtype {weight.dtype}, expected a float dtype")
     if weight.device != x.device:
-        raise ValueError(f"rms_norm_triton: x on {x.device}, weight on {weight.device}")
+        raise ValueError(f"{name}: x on {x.device}, weight on {weight.device}")
     if weight.dim() != 1 or x.dim() == 0 or weight.shape[0] != x.shape[-1]:
-        raise ValueError(f"rms_norm_triton: weight shape {tuple(weight.shape)} does not match "
+        raise ValueError(f"{name}: weight shape {tuple(weight.shape)} does not match "
                          f"x shape {tuple(x.shape)}; expected weight ({x.shape[-1] if x.dim() else '?'},)")
     if x.shape[-1] > _MAX_D:
-        raise ValueError(f"rms_norm_triton: row length {x.shape[-1]} > {_MAX_D}, the most one block holds")
+        raise ValueError(f"{name}: row length {x.shape[-1]} > {_MAX_D}, the most one block holds")
     if not (x.is_contiguous() and weight.is_contiguous()):
-        raise ValueError(f"rms_norm_triton: x (strides {x.stride()}) and weight must be contiguous; "
+        raise ValueError(f"{name}: x (strides {x.stride()}) and weight must be contiguous; "
                          "call .contiguous() first")
     if not eps >= 0:
-        raise ValueError(f"rms_norm_triton: eps={eps}, expected a number >= 0")
+        raise ValueError(f"{name}: eps={eps}, expected a number >= 0")
 
 
 def _num_warps(block_size):
@@ -153,8 +198,10 @@ class _RMSNorm(torch.autograd.Function):
         rstd = torch.empty(N, dtype=torch.float32, device=x.device)
         block_size = triton.next_power_of_2(D)
         if N > 0:
+            pdl = pdl_enabled(x.device)
             _rms_norm_forward_kernel[(N,)](x, weight, y, rstd, D, eps, UNIT_OFFSET=unit_offset,
-                                           BLOCK_SIZE=block_size, num_warps=_num_warps(block_size))
+                                           BLOCK_SIZE=block_size, PDL=pdl, num_warps=_num_warps(block_size),
+                                           launch_pdl=pdl)
         ctx.save_for_backward(x, weight, rstd)
         ctx.unit_offset = unit_offset
         return y
@@ -189,3 +236,40 @@ def rms_norm_triton(x, weight, eps, unit_offset=False):
     """RMSNorm of x's last dim with the Triton kernels; same signature and numerics as rms_norm_torch."""
     _validate(x, weight, eps)
     return _RMSNorm.apply(x, weight, float(eps), bool(unit_offset))
+
+
+def add_rms_norm_torch(x, delta, weight, eps, unit_offset=False):
+    """The reference for the fused op: torch's add, then rms_norm_torch of the rounded sum."""
+    summed = x + delta
+    return summed, rms_norm_torch(summed, weight, eps, unit_offset)
+
+
+def add_rms_norm_triton(x, delta, weight, eps, unit_offset=False):
+    """(x + delta, RMSNorm(x + delta)) in one launch; forward only, for decoding without autograd.
+
+    Same signature and numerics as add_rms_norm_torch; `normed` equals rms_norm_triton(x + delta) exactly.
+    """
+    name = "add_rms_norm_triton"
+    _validate(x, weight, eps, name)
+    if delta.shape != x.shape or delta.dtype != x.dtype or delta.device != x.device:
+        raise ValueError(f"{name}: delta is {tuple(delta.shape)} {delta.dtype} on {delta.device}, x is "
+                         f"{tuple(x.shape)} {x.dtype} on {x.device}; they must match")
+    if not delta.is_contiguous():
+        raise ValueError(f"{name}: delta (strides {delta.stride()}) must be contiguous; call .contiguous() first")
+    # no backward: refuse rather than hand back outputs that silently drop the gradient
+    if torch.is_grad_enabled() and (x.requires_grad or delta.requires_grad or weight.requires_grad):
+        raise ValueError(f"{name}: has no backward, but an input requires grad; call it under "
+                         "torch.no_grad() or torch.inference_mode(), or use rms_norm_triton(x + delta, ...)")
+    D = x.shape[-1]
+    N = x.numel() // D if D else 0
+    out_dtype = x.dtype if unit_offset else torch.promote_types(weight.dtype, x.dtype)  # as rms_norm_triton
+    summed = torch.empty_like(x)
+    normed = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    block_size = triton.next_power_of_2(D)
+    if N > 0:
+        # rms_norm_triton's block size and warp count: the same reduction tree, so the same fp32 sum
+        pdl = pdl_enabled(x.device)
+        _add_rms_norm_kernel[(N,)](x, delta, weight, summed, normed, D, float(eps), UNIT_OFFSET=bool(unit_offset),
+                                   BLOCK_SIZE=block_size, PDL=pdl, num_warps=_num_warps(block_size),
+                                   launch_pdl=pdl)
+    return summed, normed

@@ -48,10 +48,12 @@ def triton_ops():
         raise ImportError(f"'kernels' resolved to {getattr(kernels, '__file__', kernels)!r}, not minilora's kernels "
                           "package (PyPI has an unrelated package of that name): `pip uninstall kernels`, then "
                           "`pip install -e .` in the minilora checkout.")
-    from kernels import cross_entropy, glu, rmsnorm, rope
+    from kernels import cross_entropy, decode_attention, glu, rmsnorm, rope
 
-    return dict(rms_norm=rmsnorm.rms_norm_triton, rope=rope.rope_triton, swiglu=glu.swiglu_triton,
-                geglu=glu.geglu_triton, linear_cross_entropy=cross_entropy.linear_cross_entropy_triton)
+    return dict(rms_norm=rmsnorm.rms_norm_triton, add_rms_norm=rmsnorm.add_rms_norm_triton, rope=rope.rope_triton,
+                swiglu=glu.swiglu_triton, geglu=glu.geglu_triton,
+                linear_cross_entropy=cross_entropy.linear_cross_entropy_triton,
+                rope_cache_write=decode_attention.rope_cache_write, decode_attention=decode_attention.decode_attention)
 
 
 class RMSNorm(nn.Module):
@@ -68,6 +70,14 @@ class RMSNorm(nn.Module):
         if self.unit_offset:  # Gemma: scale by (1 + w) in fp32, cast once at the end
             return (h * (1.0 + self.weight.float())).to(x.dtype)
         return self.weight * h.to(x.dtype)  # Llama: cast back to the input dtype, then scale
+
+    def add_and_norm(self, x, delta):
+        """(x + delta, this norm of it): a residual add and the norm after it, one kernel when decoding on CUDA
+        (at batch 1 a decode step's time goes to launches; the sum is rounded as torch's add rounds it)."""
+        if use_triton(x) and not torch.is_grad_enabled():
+            return triton_ops()["add_rms_norm"](x, delta, self.weight, self.eps, self.unit_offset)
+        x = x + delta
+        return x, self(x)
 
 
 def rope_inverse_frequencies(rope: RopeConfig, head_dim):
@@ -108,6 +118,7 @@ class Attention(nn.Module):
         D, H, Hkv, Dh = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
         self.n_heads, self.n_kv_heads, self.head_dim = H, Hkv, Dh
         self.layer_idx, self.scale, self.softcap = layer_idx, config.scale, config.attn_logit_softcap
+        self.window = config.layer_windows[layer_idx]
         self.q_proj = nn.Linear(D, H * Dh, bias=config.qkv_bias)
         self.k_proj = nn.Linear(D, Hkv * Dh, bias=config.qkv_bias)
         self.v_proj = nn.Linear(D, Hkv * Dh, bias=config.qkv_bias)
@@ -123,6 +134,8 @@ class Attention(nn.Module):
             q, k, v = self.joined_qkv(x)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if cache is not None and T == 1 and cache.decodes_in_kernels(x):
+            return self.o_proj(self._decode_one_token(q, k, v, cos, sin, cache).reshape(B, 1, -1))
         q = q.view(B, T, self.n_heads, self.head_dim)
         k = k.view(B, T, self.n_kv_heads, self.head_dim)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Dh)
@@ -141,6 +154,21 @@ class Attention(nn.Module):
         else:
             out = self._softcapped_attention(q, k, v, mask)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+    def _decode_one_token(self, q, k, v, cos, sin, cache):
+        """Attention of one new token per row (q, k, v: (B, 1, width)) over the cache, in two Triton launches
+        (kernels/decode_attention.py: RoPE + cache write, then attention under the masking rule read from the
+        cache's positions and segments) where the torch path takes eight kernels or more."""
+        B = q.shape[0]
+        if hasattr(self, "q_norm"):
+            q = self.q_norm(q.view(B, 1, self.n_heads, self.head_dim))
+            k = self.k_norm(k.view(B, 1, self.n_kv_heads, self.head_dim))
+        keys, values = cache.keys[self.layer_idx], cache.values[self.layer_idx]
+        ops = triton_ops()
+        q = ops["rope_cache_write"](q.reshape(B, -1), k.reshape(B, -1), v.reshape(B, -1), cos[:, 0], sin[:, 0], keys,
+                                    values, cache.slot)
+        return ops["decode_attention"](q, keys, values, cache.key_positions, cache.key_segments, cache.slot,
+                                       self.scale, self.softcap, self.window)
 
     def _softcapped_attention(self, q, k, v, mask):
         """Gemma 2: scores = cap * tanh(scores / cap) after scaling, before the mask; softmax in fp32."""
@@ -200,8 +228,9 @@ class Block(nn.Module):
         if self.sandwich:
             x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, mask, cache))
             return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        attended = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        x, h = self.post_attention_layernorm.add_and_norm(x, attended)
+        return x + self.mlp(h)
 
     def recompute(self, x, cos, sin, mask):
         """The forward again, for a gradient checkpoint; only what it saves for the backward that follows counts.
@@ -292,13 +321,14 @@ class Transformer(nn.Module):
         if c.local_rope is not None:
             rope_tables["local"] = rope_cos_sin(self.inv_freq_local, positions, x.dtype)
         masks = {}
+        in_kernels = cache is not None and T == 1 and cache.decodes_in_kernels(x)  # masks read from the cache
         checkpointed = 0  # blocks run under torch.utils.checkpoint: the first ones
         if self.gradient_checkpointing and self.training:
             checkpointed = len(self.model.layers) - self.uncheckpointed_blocks
         for i, layer in enumerate(self.model.layers):
             window = c.layer_windows[i]
             if window not in masks:
-                masks[window] = build_mask(positions, segments_q, window, cache)
+                masks[window] = None if in_kernels else build_mask(positions, segments_q, window, cache)
                 if cache is not None and masks[window] is not None and c.attn_logit_softcap is None:
                     # SDPA turns a boolean mask into its additive form (0 / -inf in the query dtype) inside every
                     # call: three kernels per layer in a decode step; once per forward gives the same numbers
@@ -358,6 +388,11 @@ class KVCache:
         self.key_positions = torch.zeros(batch_size, max_length, dtype=torch.long, device=device)
         self.key_segments = torch.full((batch_size, max_length), -1, dtype=torch.long, device=device)
         self.max_length, self.length = max_length, 0
+
+    def decodes_in_kernels(self, x):
+        """True when a one-token forward on x attends through kernels/decode_attention.py (generate.py's
+        StaticKVCache on CUDA); this cache's Python write position cannot be read by a kernel."""
+        return False
 
     def append_positions(self, positions, segments):
         T = positions.shape[1]

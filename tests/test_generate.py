@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from minilora import load_model
-from minilora.generate import generate, generate_text, sample, top_p_filter
+from minilora.generate import (PROMPT_BUCKET, Decoder, argmax, generate, generate_text, left_pad, prefill_length,
+                               sample, top_p_filter)
 from tiny import FAMILIES, make_checkpoint
 
 TEXTS = ["def add(a, b):", "x = [1", "SELECT * FROM users WHERE id = 1; for i in range(10):\n"]
@@ -107,6 +108,53 @@ def test_max_new_tokens_and_bad_arguments(some_pair):
         generate(model, prompts, 0)
     with pytest.raises(ValueError, match="top_p"):
         generate(model, prompts, 3, temperature=1.0, top_p=0.0)
+
+
+def test_argmax_gives_the_first_maximum_as_torch_does():
+    """The chunked argmax (first reduction spread over the GPU) against torch.argmax, ties included."""
+    gen = torch.Generator().manual_seed(3)
+    for V in (512, 1000, 32064, 128256):  # 1000: no chunking (no chunk count of >= 16 tokens divides it)
+        logits = torch.randn(4, V, generator=gen)
+        logits[1, [7, V // 2, V - 1]] = 100.0  # a tie across chunks: the first chunk's wins
+        logits[2, [V - 2, V - 1]] = 100.0  # a tie inside the last chunk
+        logits[3] = 0.0  # every token ties
+        assert torch.equal(argmax(logits), logits.argmax(-1)), V
+        assert argmax(logits).tolist()[1:] == [7, V - 2, 0]
+
+
+def test_padding_prompts_to_a_bucket_leaves_the_prefill_logits(some_pair):
+    """With CUDA graphs, prompts are left-padded to a multiple of PROMPT_BUCKET (one captured prefill serves
+    every length in the bucket). Padding is a segment of its own, so the logits are the unpadded ones."""
+    _, _, model, tok = some_pair
+    prompts = [tok.encode(t, add_special_tokens=True) for t in TEXTS]
+    B, longest = len(prompts), max(map(len, prompts))
+    assert longest < PROMPT_BUCKET
+    assert prefill_length(B, longest, use_graph=False) == longest
+    assert prefill_length(B, longest, use_graph=True) == PROMPT_BUCKET
+    assert prefill_length(64, 100, use_graph=True) == 100  # 64 x 128 tokens: eager, no padding
+    decoder = Decoder(model, B, 2 * PROMPT_BUCKET)
+    with torch.no_grad():
+        plain = decoder.prefill(*left_pad(prompts, tok.pad_id, "cpu"))
+        padded = decoder.prefill(*left_pad(prompts, tok.pad_id, "cpu", length=PROMPT_BUCKET))
+    torch.testing.assert_close(padded, plain, rtol=1e-5, atol=1e-5)  # fp32: only the summation order differs
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gemma3_text"])  # plain; window, softcap; q/k norms, local RoPE
+def test_decoding_through_the_attention_kernels_keeps_greedy_tokens(family, tmp_path_factory, monkeypatch):
+    """On CUDA a one-token step attends through kernels/decode_attention.py; here the same kernels run in
+    Triton's CPU interpreter (fp32) and must give the tokens of the torch path (RoPE, cache write, SDPA)."""
+    from minilora.generate import StaticKVCache
+    from minilora.model import triton_ops
+
+    _, _, model, tok = _pair(family, tmp_path_factory)
+    prompts = [tok.encode(t, add_special_tokens=True) for t in TEXTS]
+    expected = generate(model, prompts, NEW, stop_ids=[], pad_id=tok.pad_id)
+    monkeypatch.setattr(StaticKVCache, "decodes_in_kernels", lambda self, x: True)
+    ops, calls = triton_ops(), []
+    attend = ops["decode_attention"]
+    monkeypatch.setitem(ops, "decode_attention", lambda *args, **kw: calls.append(1) or attend(*args, **kw))
+    assert generate(model, prompts, NEW, stop_ids=[], pad_id=tok.pad_id) == expected
+    assert len(calls) == (NEW - 1) * len(model.model.layers)  # every decode step, every layer
 
 
 def test_top_p_filter_matches_transformers_warper():
