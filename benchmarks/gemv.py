@@ -1,13 +1,13 @@
 """Decode matmul kernels (x with 1 to 64 rows, NF4 weight) as decoding streams them: from HBM, layer after layer.
 
-Each case holds 28 different weights of one Llama-3.2-3B shape (28 x 12.6 MB > the card's L2) and a CUDA
+Each case holds 28 different weights of one Llama-3.2-3B shape (28 x 4.7 MB or more > the card's L2) and a CUDA
 graph that multiplies x by each of them in turn, as a decode step goes through the layers; time = graph replay
 time / 28. Compared: bf16 F.linear (cuBLAS), minilora's NF4 path (`matmul_nf4`) and each of its three kernels
 forced: the GEMV (M <= 2), the few-rows tensor-core kernel, dequant + cuBLAS. Every output is checked against
 float64 first (the bound of tests/test_nf4_kernels.py). Earlier kernels (split-K GEMV, per-byte GEMV, multi-row
 GEMV) were compared the same way and removed (benchmarks/RESULTS.md).
 
-    python benchmarks/gemv.py [--results FILE] [--rows 1,2,8]
+    python benchmarks/gemv.py [--results FILE] [--rows 1,2,8] [--shapes 5120x3072,3072x8192]
 """
 import argparse
 import datetime
@@ -20,7 +20,8 @@ import torch.nn.functional as F
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-SHAPES = [(3072, 3072), (1024, 3072), (8192, 3072), (3072, 8192)]  # (N, K)
+# (N, K) of a decode step's four 4-bit matmuls per block (Llama-3.2-3B): joined q/k/v, o, joined gate/up, down
+SHAPES = [(5120, 3072), (3072, 3072), (16384, 3072), (3072, 8192)]
 LAYERS = 28
 
 
@@ -64,14 +65,16 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--results")
     parser.add_argument("--rows", default="1,2,4,8,16,32,64")
+    parser.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES), help="N x K, comma-separated")
     args = parser.parse_args()
+    shapes = [tuple(map(int, shape.split("x"))) for shape in args.shapes.split(",")]
     lines = [f"## Decode matmuls as a decode step streams them (28 weights per shape; {datetime.date.today().isoformat()})",
              "", f"Card: {torch.cuda.get_device_name()}, torch {torch.__version__}. Command: `python benchmarks/gemv.py`. "
              "µs per matmul inside one CUDA graph over 28 distinct weights (more than L2 holds); NF4 GB/s = packed "
              "bytes + absmax / time of the default path.", "",
              "| N × K | M | bf16 F.linear | NF4 `matmul_nf4` | NF4 GB/s | vs bf16 | GEMV | few-rows kernel | dequant + cuBLAS |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for N, K in SHAPES:
+    for N, K in shapes:
         torch.manual_seed(0)
         states = [quantize_nf4(torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02, True) for _ in range(LAYERS)]
         dense = [dequantize_nf4(s, torch.bfloat16) for s in states]

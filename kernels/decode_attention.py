@@ -43,10 +43,13 @@ import triton.language as tl
 from kernels.pdl import let_dependents_start, pdl_enabled, wait_for_inputs
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# Untuned starting points from the flash-decoding recipe; to be measured on an H100/H200 and recorded here.
+# Measured with benchmarks/decode_attention.py on an H100 (Llama-3.2-3B heads, bf16; benchmarks/RESULTS.md): at
+# batch 1 the more splits the faster down to one 64-key block per split (S = 256: 11.4 µs in 1 split, 7.4 in 4;
+# S = 512: 18.9 in 1, 8.0 in 8), while at batch 64 (512 programs already) 1 split was fastest (46 µs vs 51-68).
 BLOCK_S = 64  # keys per block (32 for Dh > 128: keys_per_block)
-MIN_KEYS_PER_SPLIT = int(os.environ.get("MINILORA_MIN_KEYS_PER_SPLIT", 256))  # TODO measured: keys a split reads at least
-TARGET_PROGRAMS = 128  # about one program per SM of an H100/H200 (132 SMs)
+MIN_KEYS_PER_SPLIT = 64  # one block
+TARGET_PROGRAMS = 256  # about two programs per SM of an H100/H200 (132 SMs)
+MAX_SPLITS = 64  # the combine holds every split's (Dh,) partial of a row in registers
 MAX_HEAD_DIM = 256  # Gemma 2/3; a (16, Dh) fp32 accumulator and (BLOCK_S, Dh) tiles per program
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -322,10 +325,10 @@ def plan_splits(B, Hkv, S, Dh, splits=None):
 
     Enough splits for about TARGET_PROGRAMS programs, each over >= MIN_KEYS_PER_SPLIT keys; 1 when B * Hkv
     programs already fill the GPU. `splits` forces a count (tests); a split is a whole number of blocks, none
-    is empty and there are at most TARGET_PROGRAMS, so the count may come out lower."""
+    is empty and there are at most MAX_SPLITS, so the count may come out lower."""
     if splits is None:
         splits = min(triton.cdiv(TARGET_PROGRAMS, B * Hkv), S // MIN_KEYS_PER_SPLIT)
-    splits = min(max(1, splits), TARGET_PROGRAMS)  # the combine holds every split of a row in registers
+    splits = min(max(1, splits), MAX_SPLITS)
     block_s = keys_per_block(Dh)
     keys_per_split = triton.cdiv(triton.cdiv(S, splits), block_s) * block_s
     return triton.cdiv(S, keys_per_split), keys_per_split

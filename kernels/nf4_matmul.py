@@ -42,16 +42,17 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 SMALL_M = 1  # rows for the GEMV (at 2 rows the few-rows kernel is faster: benchmarks/RESULTS.md)
 FEW_ROWS = 64  # rows for the tensor-core kernel; above, dequant + cuBLAS
 
-# Autotune spaces (BLOCK_N, GROUPS, SPLIT_K, warps, stages), for an H100/H200 at Llama-3.2-3B shapes; the CPU
-# interpreter gets one small config that splits K (so the CPU tests run the split-K reduction too).
+# Autotune spaces, for an H100/H200 at Llama-3.2-3B shapes; the CPU interpreter gets one small config that
+# splits K (so the CPU tests run the split-K reduction too). GEMV: (BLOCK_N, GROUPS, ROWS, SPLIT_K, warps), each
+# with 2 * BLOCK_N / ROWS * GROUPS <= 32 * warps so that a thread holds ROWS rows (see _gemv_nf4_kernel).
 if INTERPRET:
-    _GEMV_CONFIGS = [triton.Config({"BLOCK_N": 8, "GROUPS": 2, "SPLIT_K": 2})]
+    _GEMV_CONFIGS = [triton.Config({"BLOCK_N": 8, "GROUPS": 2, "ROWS": 2, "SPLIT_K": 2})]
     _FEW_ROWS_CONFIGS = [triton.Config({"BLOCK_N": 16, "GROUPS": 1, "SPLIT_K": 2})]
 else:
-    _GEMV_CONFIGS = [triton.Config({"BLOCK_N": n, "GROUPS": g, "SPLIT_K": k}, num_warps=w, num_stages=s)
-                     for n, g, k, w, s in [(16, 16, 1, 8, 2), (16, 16, 1, 8, 1), (16, 8, 2, 4, 1), (32, 8, 2, 4, 1),
-                                           (32, 8, 4, 4, 1), (64, 4, 4, 4, 1), (64, 8, 4, 8, 1), (32, 4, 4, 4, 1),
-                                           (64, 4, 8, 4, 1), (128, 2, 8, 4, 1), (32, 16, 4, 8, 1), (16, 8, 4, 4, 1)]]
+    _GEMV_CONFIGS = [triton.Config({"BLOCK_N": n, "GROUPS": g, "ROWS": r, "SPLIT_K": k}, num_warps=w, num_stages=1)
+                     for n, g, r, k, w in [(32, 8, 4, 4, 4), (32, 8, 4, 2, 4), (32, 8, 4, 8, 4), (16, 8, 2, 4, 4),
+                                           (16, 8, 2, 8, 4), (32, 16, 4, 4, 8), (32, 16, 4, 2, 8), (16, 16, 2, 1, 8),
+                                           (32, 4, 4, 4, 2), (64, 4, 8, 4, 4), (64, 4, 8, 8, 4), (16, 4, 2, 4, 2)]]
     _FEW_ROWS_CONFIGS = [triton.Config({"BLOCK_N": n, "GROUPS": g, "SPLIT_K": k}, num_warps=w, num_stages=s)
                          for n, g, k, w, s in [(32, 2, 1, 4, 3), (32, 2, 2, 4, 3), (32, 2, 4, 4, 3), (32, 2, 4, 4, 1),
                                                (64, 2, 2, 4, 3), (64, 2, 4, 4, 3), (64, 1, 4, 4, 3), (128, 1, 4, 4, 3),
@@ -145,51 +146,71 @@ def _arrives_last(count_ptr, SPLIT_K: tl.constexpr):
     return last
 
 
+@triton.jit
+def _load_row_words(words_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, n, n_mask, group, g_mask,
+                    K_GROUPS, NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr):
+    """`_load_words` for the GEMV's rows n of shape (CHUNK, ROWS): words (CHUNK, GROUPS, ROWS, 8), absmax
+    (CHUNK, GROUPS, ROWS). The rows dimension comes after the groups so that Triton, which spreads threads over
+    the dimensions in order, leaves it to each thread's registers: a thread holds ROWS rows of the same columns."""
+    word = (n[:, None, :, None] * (K_GROUPS * 8) + group[None, :, None, None] * 8
+            + tl.arange(0, 8)[None, None, None, :])
+    mask = n_mask[:, None, :] & g_mask[None, :, None]
+    words = tl.load(words_ptr + word, mask=mask[:, :, :, None], other=0)
+    scale = _absmax(n[:, None, :] * K_GROUPS + group[None, :, None], mask, absmax_ptr, nested_absmax_ptr,
+                    nested_code_ptr, offset_ptr, NESTED, NESTED_BLOCKSIZE)
+    return words, scale
+
+
 @triton.autotune(configs=_GEMV_CONFIGS, key=["N", "K_GROUPS", "X_FORMAT"])
 @triton.jit
 def _gemv_nf4_kernel(x_ptr, words_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, code_ptr, out_ptr,
                      partial_ptr, count_ptr, M, N, K_GROUPS, stride_xm, stride_om, X_FORMAT: tl.constexpr,
                      NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, SHUFFLE: tl.constexpr, PDL: tl.constexpr,
-                     BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, SPLIT_K: tl.constexpr):
+                     BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, ROWS: tl.constexpr, SPLIT_K: tl.constexpr):
     """One program per (BLOCK_N rows of W, row of x, K split); a second row of x (M = 2) re-reads W from L2.
 
+    The BLOCK_N rows are a (BLOCK_N / ROWS, ROWS) grid, each thread holding ROWS rows of the same words, so the
+    x pairs it loads and widens to fp32 serve ROWS rows (sm_90 code from Triton 3.6: 5.6 instructions per weight
+    with one row per thread, 4.0 with 4).
     With SPLIT_K > 1 each program writes an fp32 partial sum and the last of a row block's SPLIT_K programs adds
     them in split order (deterministic) and stores the output: one launch, SPLIT_K times the programs in flight.
     With PDL (kernels/pdl.py) the first weights are requested before waiting for x."""
     let_dependents_start(PDL)
     block, row, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    n = block * BLOCK_N + tl.arange(0, BLOCK_N)
+    CHUNK: tl.constexpr = BLOCK_N // ROWS
+    n = block * BLOCK_N + tl.arange(0, CHUNK)[:, None] + tl.arange(0, ROWS)[None, :] * CHUNK  # (CHUNK, ROWS)
     n_mask = n < N
     x_row = x_ptr + row * stride_xm
     g = tl.arange(0, GROUPS)
-    pair_in_group = tl.arange(0, 8)[None, :] * 4  # (1, 8): the first column pair of each word of a group
+    pair_in_group = tl.arange(0, 8)[None, None, None, :] * 4  # the first column pair of each word of a group
     table = _code_table(code_ptr, SHUFFLE)
     start, end = _split_range(split, K_GROUPS, GROUPS, SPLIT_K)
-    acc = tl.zeros((BLOCK_N, GROUPS, 8), dtype=tl.float32)  # reduced once, after the loop
-    words, scale = _load_words(words_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, n, n_mask,
-                               start + g, start + g < end, K_GROUPS, NESTED, NESTED_BLOCKSIZE)
+    acc = tl.zeros((CHUNK, GROUPS, ROWS, 8), dtype=tl.float32)  # reduced once, after the loop
+    words, scale = _load_row_words(words_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, n, n_mask,
+                                   start + g, start + g < end, K_GROUPS, NESTED, NESTED_BLOCKSIZE)
     wait_for_inputs(PDL)  # x, the workspace and the output come after the previous kernel
     for g0 in range(start, end, GROUPS):
         group = g0 + g
         g_mask = group < end
         # the next step's words are loaded before this step's decoding, so the memory latency overlaps it
-        next_words, next_scale = _load_words(words_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
-                                             n, n_mask, group + GROUPS, group + GROUPS < end, K_GROUPS, NESTED,
-                                             NESTED_BLOCKSIZE)
-        part = tl.zeros((BLOCK_N, GROUPS, 8), dtype=tl.float32)
+        next_words, next_scale = _load_row_words(words_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr,
+                                                 offset_ptr, n, n_mask, group + GROUPS, group + GROUPS < end,
+                                                 K_GROUPS, NESTED, NESTED_BLOCKSIZE)
+        part = tl.zeros((CHUNK, GROUPS, ROWS, 8), dtype=tl.float32)
         for b in tl.static_range(4):  # byte b of every word: columns 8w + 2b (high nibble) and 8w + 2b + 1 (low)
-            x_even, x_odd = _x_pair(x_row, group[:, None] * 32 + pair_in_group + b, g_mask[:, None], X_FORMAT)
-            part += _code(table, code_ptr, words >> (8 * b + 4), SHUFFLE) * x_even[None, :, :]
-            part += _code(table, code_ptr, words >> (8 * b), SHUFFLE) * x_odd[None, :, :]
-        acc += part * scale[:, :, None]
+            pair = group[None, :, None, None] * 32 + pair_in_group + b
+            x_even, x_odd = _x_pair(x_row, pair, g_mask[None, :, None, None], X_FORMAT)
+            part += _code(table, code_ptr, words >> (8 * b + 4), SHUFFLE) * x_even
+            part += _code(table, code_ptr, words >> (8 * b), SHUFFLE) * x_odd
+        acc += part * scale[:, :, :, None]
         words, scale = next_words, next_scale
-    out = tl.sum(tl.sum(acc, axis=2), axis=1)
+    out = tl.sum(tl.sum(acc, axis=3), axis=1)  # (CHUNK, ROWS)
     if SPLIT_K == 1:
         tl.store(out_ptr + row * stride_om + n, out.to(out_ptr.dtype.element_ty), mask=n_mask)
     else:
         tl.store(partial_ptr + (split * M + row) * N + n, out, mask=n_mask)
         if _arrives_last(count_ptr + row * tl.num_programs(0) + block, SPLIT_K):
-            total = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            total = tl.zeros((CHUNK, ROWS), dtype=tl.float32)
             for s in tl.static_range(SPLIT_K):
                 total += tl.load(partial_ptr + (s * M + row) * N + n, mask=n_mask, cache_modifier=".cg")
             tl.store(out_ptr + row * stride_om + n, total.to(out_ptr.dtype.element_ty), mask=n_mask)

@@ -251,12 +251,13 @@ def test_decode_step_matches_model(window):
 
 
 def test_plan_splits():
-    assert plan_splits(1, 8, 4096, 128) == (16, 256)  # Llama-3.2-3B at batch 1: 8 kv heads x 16 splits
-    assert plan_splits(1, 8, 1024, 128) == (4, 256)  # no split under MIN_KEYS_PER_SPLIT keys
-    assert plan_splits(1, 8, 200, 128) == (1, 256)
+    assert plan_splits(1, 8, 4096, 128) == (32, 128)  # Llama-3.2-3B at batch 1: 8 kv heads x 32 splits
+    assert plan_splits(1, 8, 256, 128) == (4, 64)  # no split under MIN_KEYS_PER_SPLIT keys: one block each
+    assert plan_splits(8, 8, 512, 128) == (4, 128)
+    assert plan_splits(1, 8, 40, 128) == (1, 64)
     assert plan_splits(32, 8, 4096, 128)[0] == 1  # B * Hkv programs fill the GPU already
     assert plan_splits(1, 2, 70, 64, splits=3) == (2, 64)  # forced: whole blocks, no empty split
-    assert plan_splits(1, 1, 10 ** 5, 64, splits=1000)[0] <= 128  # at most TARGET_PROGRAMS
+    assert plan_splits(1, 1, 10 ** 5, 64, splits=1000)[0] <= 64  # at most MAX_SPLITS
     for B, Hkv, S, Dh, splits in [(1, 8, 4097, 128, None), (2, 4, 999, 256, None), (1, 1, 300, 64, 7),
                                   (3, 2, 65, 96, 64)]:
         n, keys = plan_splits(B, Hkv, S, Dh, splits)
