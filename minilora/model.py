@@ -232,6 +232,18 @@ class Block(nn.Module):
         x, h = self.post_attention_layernorm.add_and_norm(x, attended)
         return x + self.mlp(h)
 
+    def forward_deferred(self, x, delta, cos, sin, mask, cache=None):
+        """forward(x + delta) as (x', d) with forward(x + delta) = x' + d: the block's last residual add is left to
+        the caller's next norm (RMSNorm.add_and_norm), as is this block's first (`delta`, None for the first
+        block). Without autograd only (Llama/Qwen2/Gemma/Phi-3 norms): one kernel per block fewer in a decode
+        step, and no torch kernel breaking the chain of kernels that start early (kernels/pdl.py)."""
+        if delta is None:
+            h = self.input_layernorm(x)
+        else:
+            x, h = self.input_layernorm.add_and_norm(x, delta)
+        x, h = self.post_attention_layernorm.add_and_norm(x, self.self_attn(h, cos, sin, mask, cache))
+        return x, self.mlp(h)
+
     def recompute(self, x, cos, sin, mask):
         """The forward again, for a gradient checkpoint; only what it saves for the backward that follows counts.
         down_proj's output feeds nothing but the discarded block output (in Gemma 2/3 a norm saves it, hence not
@@ -325,6 +337,8 @@ class Transformer(nn.Module):
         checkpointed = 0  # blocks run under torch.utils.checkpoint: the first ones
         if self.gradient_checkpointing and self.training:
             checkpointed = len(self.model.layers) - self.uncheckpointed_blocks
+        # without autograd each residual add joins the norm after it (Block.forward_deferred): `delta` is pending
+        deferred, delta = not c.sandwich_norms and not torch.is_grad_enabled(), None
         for i, layer in enumerate(self.model.layers):
             window = c.layer_windows[i]
             if window not in masks:
@@ -335,13 +349,17 @@ class Transformer(nn.Module):
                     masks[window] = torch.zeros(masks[window].shape, dtype=x.dtype,
                                                 device=x.device).masked_fill_(~masks[window], float("-inf"))
             cos, sin = rope_tables["local" if (c.local_rope is not None and window is not None) else "global"]
-            if i < checkpointed:
+            if deferred:
+                x, delta = layer.forward_deferred(x, delta, cos, sin, masks[window], cache)
+            elif i < checkpointed:
                 x = torch.utils.checkpoint.checkpoint(_recomputable(layer), x, cos, sin, masks[window], cache,
                                                       use_reentrant=False)
             else:
                 x = layer(x, cos, sin, masks[window], cache)
         if cache is not None:
             cache.length += T
+        if delta is not None:
+            return self.model.norm.add_and_norm(x, delta)[1]
         return self.model.norm(x)
 
 

@@ -34,6 +34,18 @@ def test_logits_match_transformers(pair):
     assert torch.allclose(got, expected, atol=ATOL, rtol=0), f"{family}: {_report(got, expected)}"
 
 
+def test_deferred_residual_adds_give_the_same_logits(pair):
+    """Without autograd each block's last residual add is done by the next norm (Block.forward_deferred); the
+    adds and norms are the same operations in the same order, so the logits equal the autograd path's exactly."""
+    family, _, model, _ = pair
+    ids = torch.randint(3, 320, (2, 13))
+    with torch.no_grad():
+        deferred = model(ids)
+    with torch.enable_grad():
+        plain = model(ids).detach()
+    assert torch.equal(deferred, plain), f"{family}: {_report(deferred, plain)}"
+
+
 def _greedy_with_cache(model, prompt, new_tokens):
     cache = KVCache(model.config, 1, prompt.shape[1] + new_tokens, "cpu", torch.float32)
     out = []
