@@ -43,16 +43,19 @@ SMALL_M = 1  # rows for the GEMV (at 2 rows the few-rows kernel is faster: bench
 FEW_ROWS = 64  # rows for the tensor-core kernel; above, dequant + cuBLAS
 
 # Autotune spaces, for an H100/H200 at Llama-3.2-3B shapes; the CPU interpreter gets one small config that
-# splits K (so the CPU tests run the split-K reduction too). GEMV: (BLOCK_N, GROUPS, ROWS, SPLIT_K, warps), each
-# with 2 * BLOCK_N / ROWS * GROUPS <= 32 * warps so that a thread holds ROWS rows (see _gemv_nf4_kernel).
+# splits K (so the CPU tests run the split-K reduction too). GEMV: (BLOCK_N, GROUPS, ROWS, SPLIT_K, warps, AHEAD),
+# each with 2 * BLOCK_N / ROWS * GROUPS <= 32 * warps so that a thread holds ROWS rows (see _gemv_nf4_kernel).
 if INTERPRET:
-    _GEMV_CONFIGS = [triton.Config({"BLOCK_N": 8, "GROUPS": 2, "ROWS": 2, "SPLIT_K": 2})]
+    _GEMV_CONFIGS = [triton.Config({"BLOCK_N": 8, "GROUPS": 2, "ROWS": 2, "SPLIT_K": 2, "AHEAD": 2})]
     _FEW_ROWS_CONFIGS = [triton.Config({"BLOCK_N": 16, "GROUPS": 1, "SPLIT_K": 2})]
 else:
-    _GEMV_CONFIGS = [triton.Config({"BLOCK_N": n, "GROUPS": g, "ROWS": r, "SPLIT_K": k}, num_warps=w, num_stages=1)
-                     for n, g, r, k, w in [(32, 8, 4, 4, 4), (32, 8, 4, 2, 4), (32, 8, 4, 8, 4), (16, 8, 2, 4, 4),
-                                           (16, 8, 2, 8, 4), (32, 16, 4, 4, 8), (32, 16, 4, 2, 8), (16, 16, 2, 1, 8),
-                                           (32, 4, 4, 4, 2), (64, 4, 8, 4, 4), (64, 4, 8, 8, 4), (16, 4, 2, 4, 2)]]
+    _GEMV_CONFIGS = [triton.Config({"BLOCK_N": n, "GROUPS": g, "ROWS": r, "SPLIT_K": k, "AHEAD": a}, num_warps=w,
+                                   num_stages=1)
+                     for n, g, r, k, w, a in [(16, 16, 2, 1, 8, 1), (16, 16, 2, 1, 8, 2), (32, 4, 4, 4, 2, 1),
+                                              (32, 4, 4, 4, 2, 2), (32, 8, 4, 4, 4, 1), (32, 8, 4, 4, 4, 2),
+                                              (32, 8, 4, 2, 4, 1), (32, 8, 4, 2, 4, 2), (16, 8, 2, 4, 4, 1),
+                                              (16, 8, 2, 4, 4, 2), (64, 4, 8, 4, 4, 1), (32, 16, 4, 4, 8, 1),
+                                              (16, 16, 2, 2, 8, 2), (32, 4, 4, 8, 2, 2)]]
     _FEW_ROWS_CONFIGS = [triton.Config({"BLOCK_N": n, "GROUPS": g, "SPLIT_K": k}, num_warps=w, num_stages=s)
                          for n, g, k, w, s in [(32, 2, 1, 4, 3), (32, 2, 2, 4, 3), (32, 2, 4, 4, 3), (32, 2, 4, 4, 1),
                                                (64, 2, 2, 4, 3), (64, 2, 4, 4, 3), (64, 1, 4, 4, 3), (128, 1, 4, 4, 3),
@@ -166,7 +169,8 @@ def _load_row_words(words_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, o
 def _gemv_nf4_kernel(x_ptr, words_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, code_ptr, out_ptr,
                      partial_ptr, count_ptr, M, N, K_GROUPS, stride_xm, stride_om, X_FORMAT: tl.constexpr,
                      NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, SHUFFLE: tl.constexpr, PDL: tl.constexpr,
-                     BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, ROWS: tl.constexpr, SPLIT_K: tl.constexpr):
+                     BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, ROWS: tl.constexpr, SPLIT_K: tl.constexpr,
+                     AHEAD: tl.constexpr):
     """One program per (BLOCK_N rows of W, row of x, K split); a second row of x (M = 2) re-reads W from L2.
 
     The BLOCK_N rows are a (BLOCK_N / ROWS, ROWS) grid, each thread holding ROWS rows of the same words, so the
@@ -188,14 +192,19 @@ def _gemv_nf4_kernel(x_ptr, words_ptr, absmax_ptr, nested_absmax_ptr, nested_cod
     acc = tl.zeros((CHUNK, GROUPS, ROWS, 8), dtype=tl.float32)  # reduced once, after the loop
     words, scale = _load_row_words(words_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, n, n_mask,
                                    start + g, start + g < end, K_GROUPS, NESTED, NESTED_BLOCKSIZE)
+    if AHEAD == 2:  # a second step's words in flight too, also requested before the wait
+        words2, scale2 = _load_row_words(words_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, n,
+                                         n_mask, start + GROUPS + g, start + GROUPS + g < end, K_GROUPS, NESTED,
+                                         NESTED_BLOCKSIZE)
     wait_for_inputs(PDL)  # x, the workspace and the output come after the previous kernel
     for g0 in range(start, end, GROUPS):
         group = g0 + g
         g_mask = group < end
-        # the next step's words are loaded before this step's decoding, so the memory latency overlaps it
+        # the words of step +AHEAD are loaded before this step's decoding, so the memory latency overlaps it
+        ahead = group + AHEAD * GROUPS
         next_words, next_scale = _load_row_words(words_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr,
-                                                 offset_ptr, n, n_mask, group + GROUPS, group + GROUPS < end,
-                                                 K_GROUPS, NESTED, NESTED_BLOCKSIZE)
+                                                 offset_ptr, n, n_mask, ahead, ahead < end, K_GROUPS, NESTED,
+                                                 NESTED_BLOCKSIZE)
         part = tl.zeros((CHUNK, GROUPS, ROWS, 8), dtype=tl.float32)
         for b in tl.static_range(4):  # byte b of every word: columns 8w + 2b (high nibble) and 8w + 2b + 1 (low)
             pair = group[None, :, None, None] * 32 + pair_in_group + b
@@ -203,7 +212,10 @@ def _gemv_nf4_kernel(x_ptr, words_ptr, absmax_ptr, nested_absmax_ptr, nested_cod
             part += _code(table, code_ptr, words >> (8 * b + 4), SHUFFLE) * x_even
             part += _code(table, code_ptr, words >> (8 * b), SHUFFLE) * x_odd
         acc += part * scale[:, :, :, None]
-        words, scale = next_words, next_scale
+        if AHEAD == 2:
+            words, scale, words2, scale2 = words2, scale2, next_words, next_scale
+        else:
+            words, scale = next_words, next_scale
     out = tl.sum(tl.sum(acc, axis=3), axis=1)  # (CHUNK, ROWS)
     if SPLIT_K == 1:
         tl.store(out_ptr + row * stride_om + n, out.to(out_ptr.dtype.element_ty), mask=n_mask)
