@@ -222,9 +222,11 @@ class Block(nn.Module):
             self.post_feedforward_layernorm = RMSNorm(config.hidden_size, eps, offset)
         self.sandwich = config.sandwich_norms
 
-    def forward(self, x, cos, sin, mask, cache=None, recomputing=False):
+    def forward(self, x, cos, sin, mask, cache=None, recomputing=False, delta=None, defer_add=False):
         if recomputing:
             return self.recompute(x, cos, sin, mask)
+        if defer_add:
+            return self._forward_deferred(x, delta, cos, sin, mask, cache)
         if self.sandwich:
             x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, mask, cache))
             return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
@@ -232,11 +234,12 @@ class Block(nn.Module):
         x, h = self.post_attention_layernorm.add_and_norm(x, attended)
         return x + self.mlp(h)
 
-    def forward_deferred(self, x, delta, cos, sin, mask, cache=None):
+    def _forward_deferred(self, x, delta, cos, sin, mask, cache):
         """forward(x + delta) as (x', d) with forward(x + delta) = x' + d: the block's last residual add is left to
         the caller's next norm (RMSNorm.add_and_norm), as is this block's first (`delta`, None for the first
         block). Without autograd only (Llama/Qwen2/Gemma/Phi-3 norms): one kernel per block fewer in a decode
-        step, and no torch kernel breaking the chain of kernels that start early (kernels/pdl.py)."""
+        step, and no torch kernel breaking the chain of kernels that start early (kernels/pdl.py). Reached
+        through forward (defer_add=True), so module hooks (FSDP2's all-gather) run as for any call."""
         if delta is None:
             h = self.input_layernorm(x)
         else:
@@ -337,7 +340,7 @@ class Transformer(nn.Module):
         checkpointed = 0  # blocks run under torch.utils.checkpoint: the first ones
         if self.gradient_checkpointing and self.training:
             checkpointed = len(self.model.layers) - self.uncheckpointed_blocks
-        # without autograd each residual add joins the norm after it (Block.forward_deferred): `delta` is pending
+        # without autograd each residual add joins the norm after it (Block._forward_deferred): `delta` is pending
         deferred, delta = not c.sandwich_norms and not torch.is_grad_enabled(), None
         for i, layer in enumerate(self.model.layers):
             window = c.layer_windows[i]
@@ -350,7 +353,7 @@ class Transformer(nn.Module):
                                                 device=x.device).masked_fill_(~masks[window], float("-inf"))
             cos, sin = rope_tables["local" if (c.local_rope is not None and window is not None) else "global"]
             if deferred:
-                x, delta = layer.forward_deferred(x, delta, cos, sin, masks[window], cache)
+                x, delta = layer(x, cos, sin, masks[window], cache, delta=delta, defer_add=True)
             elif i < checkpointed:
                 x = torch.utils.checkpoint.checkpoint(_recomputable(layer), x, cos, sin, masks[window], cache,
                                                       use_reentrant=False)

@@ -35,7 +35,7 @@ def test_logits_match_transformers(pair):
 
 
 def test_deferred_residual_adds_give_the_same_logits(pair):
-    """Without autograd each block's last residual add is done by the next norm (Block.forward_deferred); the
+    """Without autograd each block's last residual add is done by the next norm (Block._forward_deferred); the
     adds and norms are the same operations in the same order, so the logits equal the autograd path's exactly."""
     family, _, model, _ = pair
     ids = torch.randint(3, 320, (2, 13))
