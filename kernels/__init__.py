@@ -4,7 +4,10 @@
 - nf4_matmul.py:  x @ W^T with W in NF4 (GEMV at 1 row, W decoded in registers for the tensor cores at 2-64 rows,
                   dequant + cuBLAS otherwise) and g @ W.
 - backend.py:     the one setting that picks who runs the 4-bit work: "torch", "triton" or "bnb".
-- rmsnorm.py, rope.py, glu.py, cross_entropy.py: the training kernels (see each file's docstring).
+- rmsnorm.py, rope.py, glu.py, cross_entropy.py: the training kernels (see each file's docstring); rmsnorm.py
+                  also has the residual add + RMSNorm of decoding.
+- decode_attention.py: a decode step's RoPE + KV-cache write and one-query attention (flash-decoding splits).
+- pdl.py:         programmatic dependent launch (Hopper): decode kernels start while the previous one ends.
 
 PyPI has an unrelated package named `kernels`; code importing ours checks `MINILORA_KERNELS`
 (see `require_minilora_kernels`) so that a shadowing install fails loudly instead of importing the wrong thing.
