@@ -200,6 +200,7 @@ class Decoder:
         self.cache.clear()  # the warm-up wrote a slot; make it invisible again
         return graph, output
 
+    @torch.inference_mode()  # the static buffers may be inference tensors (made inside generate): copies need it
     def prefill(self, input_ids, positions, segments):
         """Run the padded prompts (B, P) into a cleared cache; logits (B, V) for the first new token.
 
@@ -217,6 +218,7 @@ class Decoder:
         graph.replay()
         return logits
 
+    @torch.inference_mode()
     def step(self, tokens, positions):
         """Feed one token per row (B,) at `positions` (B,) into the next slot; logits (B, V)."""
         self.tokens.copy_(tokens[:, None])

@@ -157,6 +157,20 @@ def test_decoding_through_the_attention_kernels_keeps_greedy_tokens(family, tmp_
     assert len(calls) == (NEW - 1) * len(model.model.layers)  # every decode step, every layer
 
 
+def test_decoder_made_under_inference_mode_runs_outside_it(some_pair):
+    """generate() makes decoders under inference mode (their static buffers are inference tensors, which only
+    inference mode may write); a caller reusing one outside it still gets logits, not a RuntimeError."""
+    _, _, model, tok = some_pair
+    prompts = [tok.encode(TEXTS[0], add_special_tokens=True)]
+    with torch.inference_mode():
+        decoder = Decoder(model, 1, PROMPT_BUCKET)
+        expected = decoder.prefill(*left_pad(prompts, tok.pad_id, "cpu")).clone()
+    logits = decoder.prefill(*left_pad(prompts, tok.pad_id, "cpu"))
+    torch.testing.assert_close(logits, expected, rtol=0, atol=0)
+    first = torch.tensor([int(logits.argmax())])
+    assert decoder.step(first, torch.tensor([len(prompts[0])])).shape == logits.shape
+
+
 def test_top_p_filter_matches_transformers_warper():
     from transformers.generation.logits_process import TopPLogitsWarper
 
