@@ -4,8 +4,11 @@ Reference (plain torch, below): `matmul_nf4_reference` = F.linear(x, dequantize_
 Three paths, picked by the number of rows M of x (decoding has M = batch size):
   - M <= SMALL_M: `_gemv_nf4_kernel`, fp32 FMAs: y[m, n] = sum_groups absmax[n, g] * sum_k code[q[n, k]] x[m, k].
   - SMALL_M < M <= FEW_ROWS and x in fp16/bf16: `_matmul_nf4_few_rows_kernel` decodes a (BLOCK_N, 64 GROUPS) tile of W in
-    registers to x's dtype, exactly as `dequantize_nf4` rounds it, and multiplies it on the tensor cores by x's
+    registers to x's dtype, as `dequantize_nf4` rounds it, and multiplies it on the tensor cores by x's
     rows padded to M_PAD (>= 16, tl.dot's minimum): each weight byte is read and decoded once for all rows.
+    (With a double-quantized absmax these kernels, compiled with fp fusion on, turn the absmax's multiply and add
+    into one FMA: one fp32 rounding fewer than `dequantize_nf4`, so a weight can differ from it by one ulp of x's
+    dtype where that rounding tips it; the dequant kernels compile without fusion and are exact.)
   - otherwise: dequantize W into a buffer reused across calls (`kernels/nf4_dequant.py`), then cuBLAS. The buffer
     is per (shape, dtype, device) and only read by the matmul that follows on the same stream, so reuse is safe;
     it is never returned or saved for backward. g @ W (backward, large M in training) always takes this path.
@@ -278,7 +281,7 @@ def _matmul_nf4_few_rows_kernel(x_ptr, words_ptr, absmax_ptr, nested_absmax_ptr,
         column = g0 * 64 + tl.arange(0, GROUPS * 64)
         x_tile = tl.load(x_ptr + m[None, :] * stride_xm + column[:, None],
                          mask=m_mask[None, :] & (column[:, None] < end * 64), other=0.0)  # (64 GROUPS, M_PAD)
-        acc = tl.dot(w_tile.to(x_ptr.dtype.element_ty), x_tile, acc)  # W rounded as dequantize_nf4 rounds it
+        acc = tl.dot(w_tile.to(x_ptr.dtype.element_ty), x_tile, acc)  # W rounded to x's dtype, as dequantized
         words, scale = next_words, next_scale
     out = out_ptr + m[None, :] * stride_om + n[:, None]
     mask = n_mask[:, None] & m_mask[None, :]
