@@ -32,7 +32,8 @@ nothing and decode_attention's output is undefined. decode_attention's q is (B, 
 as rope_cache_write returns it. Neither function changes an input other than rope_cache_write's two caches.
 
 References: `rope_cache_write_reference`, `decode_attention_reference` (plain torch; given float64 inputs they
-compute the exact maths the tests measure against). Test: tests/test_decode_attention.py. Benchmark: none yet.
+compute the exact maths the tests measure against). Test: tests/test_decode_attention.py.
+Benchmark: benchmarks/decode_attention.py (beside the torch path it replaces; results in benchmarks/RESULTS.md).
 """
 import os
 
@@ -307,11 +308,11 @@ def rope_cache_write(q, k, v, cos, sin, k_cache, v_cache, slot):
         # a broadcast (1, Dh) cos/sin row is read by every b with row stride 0
         cos_stride = cos.stride(0) if cos.shape[0] == B else 0
         sin_stride = sin.stride(0) if sin.shape[0] == B else 0
+        pdl = pdl_enabled(q.device)
         _rope_cache_write_kernel[(B, H + Hkv)](
             q, k, v, cos, sin, k_cache, v_cache, slot, q_rot, q.stride(0), k.stride(0), v.stride(0), cos_stride,
             sin_stride, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), H, S,
-            HALF=Dh // 2, BLOCK_HALF=triton.next_power_of_2(Dh // 2), PDL=pdl_enabled(q.device), num_warps=1,
-            launch_pdl=pdl_enabled(q.device))
+            HALF=Dh // 2, BLOCK_HALF=triton.next_power_of_2(Dh // 2), PDL=pdl, num_warps=1, launch_pdl=pdl)
     return q_rot
 
 
