@@ -95,8 +95,9 @@ def main():
             lines.append(f"| {N} × {K} | {M} | {bf:.1f} | {t['default']:.1f} | {nbytes / (t['default'] * 1e-6) / 1e9:,.0f} | "
                          f"{bf / t['default']:.2f}× | {gemv} | {t['few']:.1f} | {t['dequant']:.1f} |")
             print(lines[-1], flush=True)
-        for kernel in (mm._gemv_nf4_kernel, mm._matmul_nf4_few_rows_kernel):
-            print(N, K, kernel.fn.__name__, "tuned:", {str(k): str(v) for k, v in kernel.cache.items()}, flush=True)
+        split_k, ahead = mm.gemv_plan(1, N, K // 64, mm._sm_count(torch.device("cuda")))
+        print(N, K, f"GEMV plan: {mm.GEMV_TILE}, warps {mm.GEMV_WARPS}, SPLIT_K {split_k}, AHEAD {ahead}; few-rows tuned:",
+              {str(k): str(v) for k, v in mm._matmul_nf4_few_rows_kernel.cache.items()}, flush=True)
     table = "\n".join(lines) + "\n"
     print(table)
     if args.results:

@@ -29,6 +29,7 @@ Test: tests/test_nf4_kernels.py. Benchmarks: benchmarks/gemv.py (as a decode ste
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -45,25 +46,25 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 SMALL_M = 1  # rows for the GEMV (at 2 rows the few-rows kernel is faster: benchmarks/RESULTS.md)
 FEW_ROWS = 64  # rows for the tensor-core kernel; above, dequant + cuBLAS
 
-# Autotune spaces, for an H100/H200 at Llama-3.2-3B shapes; the CPU interpreter gets one small config that
-# splits K (so the CPU tests run the split-K reduction too). GEMV: (BLOCK_N, GROUPS, ROWS, SPLIT_K, warps, AHEAD),
-# each with 2 * BLOCK_N / ROWS * GROUPS <= 32 * warps so that a thread holds ROWS rows (see _gemv_nf4_kernel).
-if INTERPRET:
-    _GEMV_CONFIGS = [triton.Config({"BLOCK_N": 8, "GROUPS": 2, "ROWS": 2, "SPLIT_K": 2, "AHEAD": 2})]
+# The GEMV's launch is planned, not autotuned (`gemv_plan`): one tiling, and the K split that puts every program
+# in a single wave. Autotuning times each config alone, one weight over and over; a decode step runs the GEMV
+# between other kernels, with PDL, on weights that are not in L2, and there its picks were up to 15% slower than
+# the plan and changed from process to process (benchmarks/RESULTS.md, "GEMV launch plan").
+# GEMV_TILE: BLOCK_N rows a program in a (BLOCK_N / ROWS, GROUPS, 2) grid of threads, ROWS rows per thread (so
+# 2 * BLOCK_N / ROWS * GROUPS = 32 * GEMV_WARPS); the best tiling for all four Llama-3.2-3B decode shapes in a
+# sweep of 280 (H100, benchmarks/RESULTS.md). GEMV_PROGRAMS_PER_SM: resident programs of that tiling per SM,
+# from its registers a thread (sm_90, Triton 3.6: 128 with AHEAD = 1, 167 with AHEAD = 2; 64K a SM).
+if INTERPRET:  # small tiles, and (INTERPRET_PLAN) K split with AHEAD = 2, so CPU tests run both
+    GEMV_TILE, GEMV_WARPS, GEMV_PROGRAMS_PER_SM = {"BLOCK_N": 8, "GROUPS": 2, "ROWS": 2}, 1, {1: 1, 2: 1}
     _FEW_ROWS_CONFIGS = [triton.Config({"BLOCK_N": 16, "GROUPS": 1, "SPLIT_K": 2})]
 else:
-    _GEMV_CONFIGS = [triton.Config({"BLOCK_N": n, "GROUPS": g, "ROWS": r, "SPLIT_K": k, "AHEAD": a}, num_warps=w,
-                                   num_stages=1)
-                     for n, g, r, k, w, a in [(16, 16, 2, 1, 8, 1), (16, 16, 2, 1, 8, 2), (32, 4, 4, 4, 2, 1),
-                                              (32, 4, 4, 4, 2, 2), (32, 8, 4, 4, 4, 1), (32, 8, 4, 4, 4, 2),
-                                              (32, 8, 4, 2, 4, 1), (32, 8, 4, 2, 4, 2), (16, 8, 2, 4, 4, 1),
-                                              (16, 8, 2, 4, 4, 2), (64, 4, 8, 4, 4, 1), (32, 16, 4, 4, 8, 1),
-                                              (16, 16, 2, 2, 8, 2), (32, 4, 4, 8, 2, 2)]]
+    GEMV_TILE, GEMV_WARPS, GEMV_PROGRAMS_PER_SM = {"BLOCK_N": 32, "GROUPS": 8, "ROWS": 4}, 4, {1: 4, 2: 3}
     _FEW_ROWS_CONFIGS = [triton.Config({"BLOCK_N": n, "GROUPS": g, "SPLIT_K": k}, num_warps=w, num_stages=s)
                          for n, g, k, w, s in [(32, 2, 1, 4, 3), (32, 2, 2, 4, 3), (32, 2, 4, 4, 3), (32, 2, 4, 4, 1),
                                                (64, 2, 2, 4, 3), (64, 2, 4, 4, 3), (64, 1, 4, 4, 3), (128, 1, 4, 4, 3),
                                                (128, 2, 4, 4, 3), (16, 4, 4, 4, 3), (64, 2, 8, 4, 3)]]
 MAX_SPLIT_K, MIN_BLOCK_N = 8, 8
+INTERPRET_PLAN = (2, 2)  # the GEMV's (SPLIT_K, AHEAD) under the interpreter
 
 
 def matmul_nf4_reference(x: torch.Tensor, state: NF4State) -> torch.Tensor:
@@ -167,7 +168,6 @@ def _load_row_words(words_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, o
     return words, scale
 
 
-@triton.autotune(configs=_GEMV_CONFIGS, key=["N", "K_GROUPS", "X_FORMAT"])
 @triton.jit
 def _gemv_nf4_kernel(x_ptr, words_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, code_ptr, out_ptr,
                      partial_ptr, count_ptr, M, N, K_GROUPS, stride_xm, stride_om, X_FORMAT: tl.constexpr,
@@ -361,18 +361,54 @@ def _split_k_workspace(M: int, N: int, device: torch.device) -> tuple[torch.Tens
     return _split_k_workspaces[key]
 
 
-def _gemv(x2: torch.Tensor, state: NF4State, words: torch.Tensor) -> torch.Tensor:
+def gemv_plan(M: int, N: int, K_GROUPS: int, sms: int) -> tuple[int, int]:
+    """(SPLIT_K, AHEAD) for the GEMV of an (N, 64 K_GROUPS) weight and M rows of x on a GPU of `sms` SMs.
+
+    Splits that fit every program in one wave (programs <= sms * GEMV_PROGRAMS_PER_SM[AHEAD]), so none starts
+    late without its weights requested before the wait; of those the fewest loop steps a program, then
+    AHEAD = 2 (each program's first two steps of words in flight before it waits for x). If no split fits,
+    the fewest waves times steps. E.g. on 132 SMs: q/k/v (5120, 48) -> (3, 1), o (3072, 48) -> (3, 2),
+    gate/up (16384, 48) -> (1, 1), down (3072, 128) -> (4, 2)."""
+    GROUPS = GEMV_TILE["GROUPS"]
+    blocks = M * triton.cdiv(N, GEMV_TILE["BLOCK_N"])
+    best = None
+    for ahead in (2, 1):
+        for split in range(1, MAX_SPLIT_K + 1):
+            per_split = triton.cdiv(triton.cdiv(K_GROUPS, split), GROUPS) * GROUPS
+            used = triton.cdiv(K_GROUPS, per_split)  # splits that get groups; a higher count adds only empty ones
+            if used < split:
+                continue
+            waves = triton.cdiv(blocks * split, sms * GEMV_PROGRAMS_PER_SM[ahead])
+            cost = (waves > 1, waves * per_split // GROUPS)
+            if best is None or cost < best[0]:
+                best = (cost, split, ahead)
+    return best[1], best[2]
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _gemv(x2: torch.Tensor, state: NF4State, words: torch.Tensor, plan: tuple[int, int] | None = None) -> torch.Tensor:
+    """The GEMV launch; `plan` (SPLIT_K, AHEAD) overrides `gemv_plan` (tests, benchmarks)."""
     (M, K), N = x2.shape, state.shape[0]
     out = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
     x_format = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[x2.dtype]
     if x_format and x2.data_ptr() % 4:  # a view starting mid-pair cannot be read as int32 pairs
         x2 = x2.clone()
     x_arg = x2 if x_format == 0 else x2.view(torch.int32)  # 16-bit x read as column pairs
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), M, meta["SPLIT_K"])  # noqa: E731
+    if plan is None:
+        plan = INTERPRET_PLAN if INTERPRET else gemv_plan(M, N, K // 64, _sm_count(x2.device))
+    split_k, ahead = plan
     pdl = pdl_enabled(x2.device)
-    _gemv_nf4_kernel[grid](x_arg, words, *nested_args(state), state.code, out, *_split_k_workspace(M, N, x2.device),
-                           M, N, K // 64, x_arg.stride(0), out.stride(0), X_FORMAT=x_format, NESTED=state.nested,
-                           NESTED_BLOCKSIZE=state.nested_blocksize, SHUFFLE=not INTERPRET, PDL=pdl, launch_pdl=pdl)
+    _gemv_nf4_kernel[(triton.cdiv(N, GEMV_TILE["BLOCK_N"]), M, split_k)](
+        x_arg, words, *nested_args(state), state.code, out, *_split_k_workspace(M, N, x2.device), M, N, K // 64,
+        x_arg.stride(0), out.stride(0), X_FORMAT=x_format, NESTED=state.nested, NESTED_BLOCKSIZE=state.nested_blocksize,
+        SHUFFLE=not INTERPRET, PDL=pdl, SPLIT_K=split_k, AHEAD=ahead, **GEMV_TILE, num_warps=GEMV_WARPS, num_stages=1,
+        launch_pdl=pdl)
     return out
 
 

@@ -132,6 +132,36 @@ def test_split_k_leaves_counters_at_zero_and_repeats_exactly(m):
     assert not counts.any(), f"arrival counters left at {counts.unique().tolist()}"
 
 
+@pytest.mark.parametrize("plan", [(1, 1), (3, 1), (2, 2), (8, 2)])  # (SPLIT_K, AHEAD); 8 splits leave some empty
+def test_gemv_plans_match_reference(plan):
+    from kernels import nf4_matmul
+
+    state = _state(40, 640, nested=True)
+    x = torch.randn(1, 640).to(torch.bfloat16)
+    out = nf4_matmul._gemv(x, state, nf4_matmul._words(state), plan)
+    _assert_matmul_close(out, x, nf4.dequantize_nf4(state, torch.bfloat16), f"GEMV, plan {plan}")
+
+
+def test_gemv_plan_fits_one_wave_when_a_split_can():
+    from kernels.nf4_matmul import GEMV_PROGRAMS_PER_SM, GEMV_TILE, MAX_SPLIT_K, gemv_plan
+
+    def used_splits(k_groups, split):
+        per_split = -(-(-(-k_groups // split)) // GEMV_TILE["GROUPS"]) * GEMV_TILE["GROUPS"]
+        return -(-k_groups // per_split)
+
+    for sms in (1, 16, 108, 132):
+        for n in (64, 3072, 5120, 16384, 128256):
+            for k_groups in (1, 12, 48, 128, 172):
+                split, ahead = gemv_plan(1, n, k_groups, sms)
+                assert 1 <= split <= MAX_SPLIT_K and ahead in (1, 2)
+                assert used_splits(k_groups, split) == split, (sms, n, k_groups, split)  # no program without work
+                blocks = -(-n // GEMV_TILE["BLOCK_N"])
+                fitting = [s for s in range(1, MAX_SPLIT_K + 1) for a in (1, 2)
+                           if used_splits(k_groups, s) == s and blocks * s <= sms * GEMV_PROGRAMS_PER_SM[a]]
+                if fitting:
+                    assert blocks * split <= sms * GEMV_PROGRAMS_PER_SM[ahead], (sms, n, k_groups, split, ahead)
+
+
 def test_matmul_reads_misaligned_packed_through_dequant():
     """A `packed` view not on a 16-byte boundary cannot be read as int32 words: the dequant path takes it."""
     state = _state(8, 128)
