@@ -48,8 +48,8 @@ FEW_ROWS = 64  # rows for the tensor-core kernel; above, dequant + cuBLAS
 
 # The GEMV's launch is planned, not autotuned (`gemv_plan`): one tiling, and the K split that puts every program
 # in a single wave. Autotuning times each config alone, one weight over and over; a decode step runs the GEMV
-# between other kernels, with PDL, on weights that are not in L2, and there its picks were up to 15% slower than
-# the plan and changed from process to process (benchmarks/RESULTS.md, "GEMV launch plan").
+# between other kernels, with PDL, on weights that are not in L2; there its picks made a decode step up to 7%
+# slower than the plan, and changed from process to process (benchmarks/RESULTS.md, "GEMV launch plan").
 # GEMV_TILE: BLOCK_N rows a program in a (BLOCK_N / ROWS, GROUPS, 2) grid of threads, ROWS rows per thread (so
 # 2 * BLOCK_N / ROWS * GROUPS = 32 * GEMV_WARPS); the best tiling for all four Llama-3.2-3B decode shapes in a
 # sweep of 280 (H100, benchmarks/RESULTS.md). GEMV_PROGRAMS_PER_SM: resident programs of that tiling per SM,
