@@ -2,7 +2,7 @@
 
 - nf4_dequant.py: NF4 (double-quant aware) -> fp16/bf16/fp32 weight; reference `minilora.nf4.dequantize_nf4`.
 - nf4_matmul.py:  x @ W^T with W in NF4 (GEMV at 1 row, W decoded in registers for the tensor cores at 2-64 rows,
-                  dequant + cuBLAS otherwise) and g @ W.
+                  dequant + cuBLAS otherwise) and g @ W; a joined gate/up GEMV with the GLU in its epilogue.
 - backend.py:     the one setting that picks who runs the 4-bit work: "torch", "triton" or "bnb".
 - rmsnorm.py, rope.py, glu.py, cross_entropy.py: the training kernels (see each file's docstring); rmsnorm.py
                   also has the residual add + RMSNorm of decoding.

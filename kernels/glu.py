@@ -19,6 +19,9 @@ Backward, with a = act(g) and dy = dL/dy:
 
 (d/dg of g * sigmoid(2 v) with sigmoid' = sigmoid (1 - sigmoid) and dv/dg = sqrt(2/pi)(1 + 3*0.044715 g^2).)
 
+The forward's arithmetic is the jitted `_gated`, which the 4-bit gate/up GEMV (kernels/nf4_matmul.py,
+`matmul_nf4_glu`) also applies in its epilogue, so both give the same bits.
+
 Memory layout: gate and up are contiguous tensors of one shape, e.g. (B, T, I), treated as flat arrays;
 one program owns BLOCK_SIZE elements. The forward saves gate and up (not y); the backward recomputes a
 and writes new dgate and dup tensors (no in-place reuse of the inputs).
@@ -38,6 +41,19 @@ _BLOCK_SIZE = 1024  # 8 elements a thread at 4 warps: 94-98% of the copy rate on
 
 
 @triton.jit
+def _gated(g, u, GELU: tl.constexpr, dtype: tl.constexpr):
+    """act(g) * u in `dtype`, from g and u given as fp32 values of `dtype`: the forward's arithmetic, shared with
+    the 4-bit gate/up GEMV whose epilogue applies the GLU (kernels/nf4_matmul.py), so both round alike."""
+    if GELU:
+        v = 0.7978845608028654 * (g + 0.044715 * g * g * g)  # sqrt(2/pi) (g + 0.044715 g^3)
+        a = g * tl.sigmoid(2.0 * v)
+    else:
+        a = g * tl.sigmoid(g)
+    a = a.to(dtype).to(tl.float32)  # HF: act(gate) is a tensor of gate's dtype
+    return (a * u).to(dtype)
+
+
+@triton.jit
 def _glu_forward_kernel(gate_ptr, up_ptr, y_ptr, N, GELU: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                         PDL: tl.constexpr):
     let_dependents_start(PDL)  # kernels/pdl.py: the 4-bit down projection may start its weight reads
@@ -46,13 +62,7 @@ def _glu_forward_kernel(gate_ptr, up_ptr, y_ptr, N, GELU: tl.constexpr, BLOCK_SI
     mask = offsets < N
     g = tl.load(gate_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(up_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    if GELU:
-        v = 0.7978845608028654 * (g + 0.044715 * g * g * g)  # sqrt(2/pi) (g + 0.044715 g^3)
-        a = g * tl.sigmoid(2.0 * v)
-    else:
-        a = g * tl.sigmoid(g)
-    a = a.to(gate_ptr.dtype.element_ty).to(tl.float32)  # HF: act(gate) is a tensor of gate's dtype
-    tl.store(y_ptr + offsets, (a * u).to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + offsets, _gated(g, u, GELU, y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit

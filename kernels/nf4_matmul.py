@@ -25,7 +25,12 @@ memory pipe full): each writes an fp32 partial sum to a reused workspace, and th
 counter per row block) adds the partials in split order and writes the output, in the same launch, so the
 result does not depend on which program finishes last. Workspace reuse assumes one stream, as the buffer does.
 Needs K % 64 == 0 (every Llama/Qwen/Gemma/Phi width is) and a 16-byte aligned `packed`, else dequant + cuBLAS.
-Test: tests/test_nf4_kernels.py. Benchmarks: benchmarks/gemv.py (as a decode step streams them), benchmarks/kernels.py.
+Gate/up + GLU (`matmul_nf4_glu`, a decode step's MLP): for a joined weight W (2F, K), gate rows 0..F-1 over up rows
+F..2F-1, the GEMV in GLU mode gives each thread gate rows f and their up rows F + f, so after the (split-K) sum one
+program holds both of feature f and its epilogue stores y[f] = act(gate) * up (kernels/glu.py's `_gated`), F values
+instead of 2F and no GLU launch: rounded as the GEMV's stores and `_glu_forward_kernel` round, bit for bit.
+Tests: tests/test_nf4_kernels.py, tests/test_nf4_glu.py. Benchmarks: benchmarks/gemv.py (as a decode step streams
+them; `--glu` for the gate/up + GLU pair), benchmarks/kernels.py.
 """
 from __future__ import annotations
 
@@ -37,6 +42,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels.glu import _gated, geglu_triton, swiglu_triton
 from kernels.nf4_dequant import _absmax, check_state, dequantize_nf4, nested_args
 from kernels.pdl import let_dependents_start, pdl_enabled, wait_for_inputs
 from minilora.nf4 import NF4State
@@ -53,7 +59,8 @@ FEW_ROWS = 64  # rows for the tensor-core kernel; above, dequant + cuBLAS
 # GEMV_TILE: BLOCK_N rows a program in a (BLOCK_N / ROWS, GROUPS, 2) grid of threads, ROWS rows per thread (so
 # 2 * BLOCK_N / ROWS * GROUPS = 32 * GEMV_WARPS); the best tiling for all four Llama-3.2-3B decode shapes in a
 # sweep of 280 (H100, benchmarks/RESULTS.md). GEMV_PROGRAMS_PER_SM: resident programs of that tiling per SM,
-# from its registers a thread (sm_90, Triton 3.6: 128 with AHEAD = 1, 167 with AHEAD = 2; 64K a SM).
+# from its registers a thread (sm_90, Triton 3.6: 128 with AHEAD = 1, 167 with AHEAD = 2; 64K a SM). ROWS is
+# even: in GLU mode a thread's rows are ROWS / 2 (gate, up) pairs (BLOCK_N / 2 features a program).
 if INTERPRET:  # small tiles, and (INTERPRET_PLAN) K split with AHEAD = 2, so CPU tests run both
     GEMV_TILE, GEMV_WARPS, GEMV_PROGRAMS_PER_SM = {"BLOCK_N": 8, "GROUPS": 2, "ROWS": 2}, 1, {1: 1, 2: 1}
     _FEW_ROWS_CONFIGS = [triton.Config({"BLOCK_N": 16, "GROUPS": 1, "SPLIT_K": 2})]
@@ -65,6 +72,7 @@ else:
                                                (128, 2, 4, 4, 3), (16, 4, 4, 4, 3), (64, 2, 8, 4, 3)]]
 MAX_SPLIT_K, MIN_BLOCK_N = 8, 8
 INTERPRET_PLAN = (2, 2)  # the GEMV's (SPLIT_K, AHEAD) under the interpreter
+GLU_ACTIVATIONS = ("silu", "gelu_tanh")  # SwiGLU, GeGLU (tanh approximation) as kernels/glu.py computes them
 
 
 def matmul_nf4_reference(x: torch.Tensor, state: NF4State) -> torch.Tensor:
@@ -169,11 +177,46 @@ def _load_row_words(words_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, o
 
 
 @triton.jit
+def _gemv_rows(block, N, BLOCK_N: tl.constexpr, ROWS: tl.constexpr, GLU: tl.constexpr):
+    """Row block `block`'s rows of W as (BLOCK_N / ROWS, ROWS), ROWS held by each thread, and their mask.
+
+    GLU: N = 2F rows, and block b holds features f = b BLOCK_N / 2 + ..., each thread ROWS / 2 of them, as pairs
+    (gate row f, up row F + f) next to each other on the ROWS axis (axis index 2 r + 0 for gate, 2 r + 1 for up)."""
+    CHUNK: tl.constexpr = BLOCK_N // ROWS
+    if GLU:
+        F = N // 2
+        j = tl.arange(0, ROWS)[None, :]
+        feature = block * (BLOCK_N // 2) + tl.arange(0, CHUNK)[:, None] + (j // 2) * CHUNK
+        return feature + (j % 2) * F, feature < F
+    else:
+        n = block * BLOCK_N + tl.arange(0, CHUNK)[:, None] + tl.arange(0, ROWS)[None, :] * CHUNK
+        return n, n < N
+
+
+@triton.jit
+def _store_rows(out_ptr, n, n_mask, total, GLU: tl.constexpr, GELU: tl.constexpr):
+    """Store the fp32 sums `total` (CHUNK, ROWS) of rows n to out_ptr (the output row) in its dtype, or in GLU
+    mode act(gate) * up of each (gate, up) pair at its feature: the pair rounded to the dtype first, as the GEMV
+    stores them for kernels/glu.py to read, then `_gated`, the GLU kernel's own arithmetic."""
+    dtype: tl.constexpr = out_ptr.dtype.element_ty
+    if GLU:
+        CHUNK: tl.constexpr = total.shape[0]
+        PAIRS: tl.constexpr = total.shape[1] // 2
+        feature, _ = tl.split(n.reshape(CHUNK, PAIRS, 2))  # a gate row's index is its feature's
+        mask, _ = tl.split(n_mask.reshape(CHUNK, PAIRS, 2))
+        gate, up = tl.split(total.reshape(CHUNK, PAIRS, 2))
+        tl.store(out_ptr + feature, _gated(gate.to(dtype).to(tl.float32), up.to(dtype).to(tl.float32), GELU, dtype),
+                 mask=mask)
+    else:
+        tl.store(out_ptr + n, total.to(dtype), mask=n_mask)
+
+
+@triton.jit
 def _gemv_nf4_kernel(x_ptr, words_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, code_ptr, out_ptr,
                      partial_ptr, count_ptr, M, N, K_GROUPS, stride_xm, stride_om, X_FORMAT: tl.constexpr,
                      NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, SHUFFLE: tl.constexpr, PDL: tl.constexpr,
-                     BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, ROWS: tl.constexpr, SPLIT_K: tl.constexpr,
-                     AHEAD: tl.constexpr):
+                     GLU: tl.constexpr, GELU: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
+                     ROWS: tl.constexpr, SPLIT_K: tl.constexpr, AHEAD: tl.constexpr):
     """One program per (BLOCK_N rows of W, row of x, K split); a second row of x (M = 2) re-reads W from L2.
 
     The BLOCK_N rows are a (BLOCK_N / ROWS, ROWS) grid, each thread holding ROWS rows of the same words, so the
@@ -181,12 +224,13 @@ def _gemv_nf4_kernel(x_ptr, words_ptr, absmax_ptr, nested_absmax_ptr, nested_cod
     with one row per thread, 4.0 with 4).
     With SPLIT_K > 1 each program writes an fp32 partial sum and the last of a row block's SPLIT_K programs adds
     them in split order (deterministic) and stores the output: one launch, SPLIT_K times the programs in flight.
+    GLU: W is a joined gate/up weight (N = 2F rows), out has F columns: y = act(gate) * up (GELU: GeGLU, else
+    SwiGLU), each thread's rows being (gate, up) pairs (`_gemv_rows`); the weights are read as in the plain GEMV.
     With PDL (kernels/pdl.py) the first weights are requested before waiting for x."""
     let_dependents_start(PDL)
     block, row, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     CHUNK: tl.constexpr = BLOCK_N // ROWS
-    n = block * BLOCK_N + tl.arange(0, CHUNK)[:, None] + tl.arange(0, ROWS)[None, :] * CHUNK  # (CHUNK, ROWS)
-    n_mask = n < N
+    n, n_mask = _gemv_rows(block, N, BLOCK_N, ROWS, GLU)  # (CHUNK, ROWS)
     x_row = x_ptr + row * stride_xm
     g = tl.arange(0, GROUPS)
     pair_in_group = tl.arange(0, 8)[None, None, None, :] * 4  # the first column pair of each word of a group
@@ -221,14 +265,14 @@ def _gemv_nf4_kernel(x_ptr, words_ptr, absmax_ptr, nested_absmax_ptr, nested_cod
             words, scale = next_words, next_scale
     out = tl.sum(tl.sum(acc, axis=3), axis=1)  # (CHUNK, ROWS)
     if SPLIT_K == 1:
-        tl.store(out_ptr + row * stride_om + n, out.to(out_ptr.dtype.element_ty), mask=n_mask)
+        _store_rows(out_ptr + row * stride_om, n, n_mask, out, GLU, GELU)
     else:
         tl.store(partial_ptr + (split * M + row) * N + n, out, mask=n_mask)
         if _arrives_last(count_ptr + row * tl.num_programs(0) + block, SPLIT_K):
             total = tl.zeros((CHUNK, ROWS), dtype=tl.float32)
             for s in tl.static_range(SPLIT_K):
                 total += tl.load(partial_ptr + (s * M + row) * N + n, mask=n_mask, cache_modifier=".cg")
-            tl.store(out_ptr + row * stride_om + n, total.to(out_ptr.dtype.element_ty), mask=n_mask)
+            _store_rows(out_ptr + row * stride_om, n, n_mask, total, GLU, GELU)
 
 
 @triton.jit
@@ -347,6 +391,27 @@ def matmul_nf4(x: torch.Tensor, state: NF4State) -> torch.Tensor:
     return out.reshape(*x.shape[:-1], N)
 
 
+def matmul_nf4_glu(x: torch.Tensor, state: NF4State, activation: str) -> torch.Tensor:
+    """act(x @ W_gate^T) * (x @ W_up^T) -> (..., F) for W (2F, K) = gate rows over up rows (a joined gate/up weight).
+
+    activation "silu" (SwiGLU) or "gelu_tanh" (GeGLU). At M <= SMALL_M one launch: the GEMV whose epilogue applies
+    the GLU, bit-identical to `matmul_nf4` then kernels/glu.py; otherwise those two. For decoding: no autograd."""
+    N, K = state.shape
+    _check_input(x, state, K, "matmul_nf4_glu")
+    if activation not in GLU_ACTIVATIONS:
+        raise ValueError(f"matmul_nf4_glu: activation {activation!r}; expected one of {GLU_ACTIVATIONS}")
+    if N % 2:
+        raise ValueError(f"matmul_nf4_glu: weight shape {list(state.shape)}; expected an even number of rows "
+                         "(F gate rows over F up rows)")
+    x2 = x.reshape(-1, K)
+    words = _words(state)
+    if words is not None and 0 < x2.shape[0] <= SMALL_M:
+        return _gemv(x2, state, words, activation).reshape(*x.shape[:-1], N // 2)
+    gate, up = matmul_nf4(x, state).split(N // 2, dim=-1)
+    glu = swiglu_triton if activation == "silu" else geglu_triton
+    return glu(gate.contiguous(), up.contiguous())
+
+
 _split_k_workspaces: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
@@ -392,10 +457,13 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _gemv(x2: torch.Tensor, state: NF4State, words: torch.Tensor, plan: tuple[int, int] | None = None) -> torch.Tensor:
-    """The GEMV launch; `plan` (SPLIT_K, AHEAD) overrides `gemv_plan` (tests, benchmarks)."""
+def _gemv(x2: torch.Tensor, state: NF4State, words: torch.Tensor, glu: str | None = None,
+          plan: tuple[int, int] | None = None) -> torch.Tensor:
+    """x2 @ W^T (M, N), or with `glu` (an activation of GLU_ACTIVATIONS) act(gate) * up (M, N / 2). `plan`
+    (SPLIT_K, AHEAD) overrides `gemv_plan` (tests, benchmarks); both modes of a weight get the same plan, hence
+    the same sum order, so the fused gate/up + GLU stays bit-identical to the GEMV then the GLU kernel."""
     (M, K), N = x2.shape, state.shape[0]
-    out = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
+    out = torch.empty((M, N // 2 if glu else N), dtype=x2.dtype, device=x2.device)
     x_format = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[x2.dtype]
     if x_format and x2.data_ptr() % 4:  # a view starting mid-pair cannot be read as int32 pairs
         x2 = x2.clone()
@@ -404,10 +472,12 @@ def _gemv(x2: torch.Tensor, state: NF4State, words: torch.Tensor, plan: tuple[in
         plan = INTERPRET_PLAN if INTERPRET else gemv_plan(M, N, K // 64, _sm_count(x2.device))
     split_k, ahead = plan
     pdl = pdl_enabled(x2.device)
-    _gemv_nf4_kernel[(triton.cdiv(N, GEMV_TILE["BLOCK_N"]), M, split_k)](
+    per_block = 2 if glu else 1  # in GLU mode a block of BLOCK_N rows of W makes BLOCK_N / 2 outputs
+    _gemv_nf4_kernel[(triton.cdiv(out.shape[1], GEMV_TILE["BLOCK_N"] // per_block), M, split_k)](
         x_arg, words, *nested_args(state), state.code, out, *_split_k_workspace(M, N, x2.device), M, N, K // 64,
         x_arg.stride(0), out.stride(0), X_FORMAT=x_format, NESTED=state.nested, NESTED_BLOCKSIZE=state.nested_blocksize,
-        SHUFFLE=not INTERPRET, PDL=pdl, SPLIT_K=split_k, AHEAD=ahead, **GEMV_TILE, num_warps=GEMV_WARPS, num_stages=1,
+        SHUFFLE=not INTERPRET, PDL=pdl, GLU=glu is not None, GELU=glu == "gelu_tanh",
+        SPLIT_K=split_k, AHEAD=ahead, **GEMV_TILE, num_warps=GEMV_WARPS, num_stages=1,
         launch_pdl=pdl)
     return out
 

@@ -194,7 +194,10 @@ class MLP(nn.Module):
         self.joined_gate_up = None  # decoding: gate/up as one 4-bit matmul (generate.join_projections)
 
     def forward(self, x):
-        if self.joined_gate_up is not None and self.joined_gate_up.applies_to(self.gate_proj, self.up_proj):
+        joined = self.joined_gate_up is not None and self.joined_gate_up.applies_to(self.gate_proj, self.up_proj)
+        if joined and self.activation != "gelu" and use_triton(x) and self.joined_gate_up.fuses_glu(x):
+            return self.down_proj(self.joined_gate_up.glu(x, self.activation))  # gate/up GEMV + GLU in one launch
+        if joined:
             gate, up = (part.contiguous() for part in self.joined_gate_up(x))  # views of one result: copies if > 1 row
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)

@@ -305,6 +305,7 @@ class JoinedLinear4bit:
     (`dequantize_absmax`: the values the layers dequantize with), as double quantization's per-tensor offset does
     not concatenate. Not an nn.Module on purpose: nothing here is saved, trained or moved with the model, and
     `applies_to` turns False once a layer is replaced (a LoRA wrapper), moved or re-stored, and under autograd.
+    A joined (gate_proj, up_proj) also runs with the GLU as one launch (`glu`) where `fuses_glu` says so.
     """
 
     def __init__(self, layers):
@@ -348,6 +349,20 @@ class JoinedLinear4bit:
         """Each layer's output for x, as views of one (..., sum of out_features) result."""
         y = _kernels_backend().linear_nf4(x.to(self.dtype), self.state, self.bias, self.backend)
         return y.split(self.widths, dim=-1)
+
+    def fuses_glu(self, x: torch.Tensor) -> bool:
+        """True when `glu(x)` runs as one launch: two layers of equal width (gate, up) without bias, x one row,
+        and the Triton backend (kernels/nf4_matmul.py's GEMV; other rows or backends keep the unfused path)."""
+        backend = _kernels_backend()
+        return (len(self.widths) == 2 and self.widths[0] == self.widths[1] and self.bias is None
+                and x.shape[:-1].numel() == 1 and backend.resolve_backend(self.backend, x.device) == "triton")
+
+    def glu(self, x: torch.Tensor, activation: str) -> torch.Tensor:
+        """act(gate(x)) * up(x) for the joined (gate_proj, up_proj) of an MLP, activation "silu" (SwiGLU) or
+        "gelu_tanh" (GeGLU): at one row, the 4-bit GEMV whose epilogue applies the GLU (`matmul_nf4_glu`)."""
+        from kernels.nf4_matmul import matmul_nf4_glu
+
+        return matmul_nf4_glu(x.to(self.dtype).contiguous(), self.state, activation)
 
 
 # ---- Hugging Face + bitsandbytes checkpoint layout (bitsandbytes QuantState.as_dict(packed=True)) ----

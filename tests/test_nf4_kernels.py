@@ -138,7 +138,7 @@ def test_gemv_plans_match_reference(plan):
 
     state = _state(40, 640, nested=True)
     x = torch.randn(1, 640).to(torch.bfloat16)
-    out = nf4_matmul._gemv(x, state, nf4_matmul._words(state), plan)
+    out = nf4_matmul._gemv(x, state, nf4_matmul._words(state), plan=plan)
     _assert_matmul_close(out, x, nf4.dequantize_nf4(state, torch.bfloat16), f"GEMV, plan {plan}")
 
 
