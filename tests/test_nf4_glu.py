@@ -8,7 +8,6 @@ GPU (`-m gpu`): the autotuned kernels compiled, bf16 included (the 3.9 interpret
 """
 import pytest
 import torch
-import triton
 
 from kernels import backend, nf4_matmul
 from kernels.glu import geglu_triton, swiglu_triton
@@ -19,7 +18,7 @@ from tiny import make_checkpoint
 
 ACTIVATIONS = ["silu", "gelu_tanh"]
 # (BLOCK_N, GROUPS, ROWS, SPLIT_K, AHEAD): ROWS / 2 pairs a thread; K split 2 (the interpreter's config) and 3 ways
-CONFIGS = [nf4_matmul._GEMV_CONFIGS[0].kwargs, dict(BLOCK_N=16, GROUPS=2, ROWS=4, SPLIT_K=1, AHEAD=1),
+CONFIGS = [dict(**nf4_matmul.GEMV_TILE, SPLIT_K=2, AHEAD=2), dict(BLOCK_N=16, GROUPS=2, ROWS=4, SPLIT_K=1, AHEAD=1),
            dict(BLOCK_N=32, GROUPS=1, ROWS=8, SPLIT_K=3, AHEAD=2)]
 
 
@@ -41,8 +40,10 @@ def _assert_equal(ours, ref, what):
 
 @pytest.fixture(params=CONFIGS, ids=lambda c: "n{BLOCK_N}-g{GROUPS}-rows{ROWS}-split{SPLIT_K}-ahead{AHEAD}".format(**c))
 def gemv_config(request, monkeypatch):
-    """The GEMV autotuner given one config (it then runs that one): both paths use it, as both share one on a GPU."""
-    monkeypatch.setattr(nf4_matmul._gemv_nf4_kernel, "configs", [triton.Config(request.param)])
+    """The GEMV's tiling and (interpreter) plan set to one config: both paths use it, as both share one on a GPU."""
+    c = request.param
+    monkeypatch.setattr(nf4_matmul, "GEMV_TILE", {k: c[k] for k in ("BLOCK_N", "GROUPS", "ROWS")})
+    monkeypatch.setattr(nf4_matmul, "INTERPRET_PLAN", (c["SPLIT_K"], c["AHEAD"]))
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
@@ -136,8 +137,8 @@ def test_decoding_through_the_fused_gate_up_keeps_greedy_tokens(family, tmp_path
     expected = generate(model, prompts, new, stop_ids=[], pad_id=tok.pad_id)
     monkeypatch.setattr(model_module, "use_triton", lambda x: True)
     # the interpreter runs programs one by one: a wide config, still splitting K, takes a few of them per GEMV
-    wide = triton.Config(dict(BLOCK_N=64, GROUPS=1, ROWS=8, SPLIT_K=2, AHEAD=1))
-    monkeypatch.setattr(nf4_matmul._gemv_nf4_kernel, "configs", [wide])
+    monkeypatch.setattr(nf4_matmul, "GEMV_TILE", dict(BLOCK_N=64, GROUPS=1, ROWS=8))
+    monkeypatch.setattr(nf4_matmul, "INTERPRET_PLAN", (2, 1))
     monkeypatch.setattr(backend, "_setting", "triton")
     calls, fused = [], nf4.JoinedLinear4bit.glu
     monkeypatch.setattr(nf4.JoinedLinear4bit, "glu", lambda self, *args: calls.append(1) or fused(self, *args))
@@ -155,14 +156,14 @@ def test_decoding_through_the_fused_gate_up_keeps_greedy_tokens(family, tmp_path
     _assert_equal(with_fusion, first_step_logits(), "decode step logits, fused vs unfused gate/up + GLU")
 
 
-# ---- compiled on the GPU: the autotuned configs, bf16 included, model-sized ----
+# ---- compiled on the GPU: the planned launches, bf16 included, model-sized ----
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("F,k", [(8192, 3072), (37, 192), (4097, 8192)])  # Llama-3.2-3B; odd widths
 def test_fused_equals_gemv_then_glu_kernel_gpu(device, F, k, dtype, activation):
-    """Bit-identical as the autotuner gives both modes of one weight shape one config (GLU is not in its key)."""
+    """Bit-identical as both modes of one weight shape get the same launch plan (`gemv_plan`)."""
     state = _state(2 * F, k, device=device)
     x = torch.randn(1, k, device=device).to(dtype)
     first = matmul_nf4_glu(x, state, activation)
