@@ -1,11 +1,13 @@
-"""Decode-step attention: kernels/decode_attention.py (RoPE + cache write, attention) vs the torch path model.py
-takes without it (RoPE kernel, two index_copy_, SDPA with the additive mask), at Llama-3.2-3B's heads.
+"""Decode-step attention, three ways at Llama-3.2-3B's heads: the torch path model.py takes without kernels (RoPE
+kernel, two index_copy_, SDPA with the additive mask); kernels/decode_attention.py's two launches (RoPE + cache
+write, attention) plus a combine launch when split; kernels/decode_attention_fused.py's one launch.
 
     python benchmarks/decode_attention.py [--heads 24 --kv-heads 8 --head-dim 128]
 
 Each variant is captured 20 times in a row in one CUDA graph (as a decode step runs it) and replayed; µs per
-call, median of 5 replays. The kernels' output is checked against the torch path first. Key counts S are the
-cache lengths evaluate.py and benchmarks/generate.py use; the query sits at slot S / 2 (half the cache filled).
+call, median of 5 replays. Every kernel variant's output and written cache row are checked against the torch
+path first. Key counts S are the cache lengths evaluate.py and benchmarks/generate.py use; the query sits at
+slot S / 2 (half the cache filled).
 """
 import argparse
 import os
@@ -17,6 +19,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from kernels.decode_attention import decode_attention, plan_splits, rope_cache_write  # noqa: E402
+from kernels.decode_attention_fused import decode_attention_fused  # noqa: E402
 from kernels.rope import rope_triton  # noqa: E402
 
 REPEATS = 20
@@ -61,20 +64,29 @@ def case(B, S, H, Hkv, Dh):
         values.index_copy_(2, slot.reshape(1), v.view(B, 1, Hkv, Dh).transpose(1, 2))
         return F.scaled_dot_product_attention(qr, keys, values, attn_mask=additive, scale=scale, enable_gqa=True)
 
-    def ours(splits):
+    def separate(splits):  # 2 launches, 3 when split
         def run():
             qr = rope_cache_write(q, k, v, cos, sin, keys, values, slot)
             return decode_attention(qr, keys, values, positions, segments, slot, scale, splits=splits)
         return run
 
+    def fused(splits):  # 1 launch
+        return lambda: decode_attention_fused(q, k, v, cos, sin, keys, values, positions, segments, slot, scale,
+                                              splits=splits)
+
     expected = torch_path()[:, :, 0].float()
+    written = keys[:, :, S // 2].clone(), values[:, :, S // 2].clone()
     rows = {"torch (rope, index_copy x2, SDPA)": graph_us(torch_path)}
-    for splits in sorted({1, 2, 4, 8, plan_splits(B, Hkv, S, Dh)[0]}):
-        n = plan_splits(B, Hkv, S, Dh, splits)[0]
-        error = (ours(splits)().float() - expected).abs().max().item()
-        assert error < 0.05, (B, S, splits, error)
-        rows[f"ours, {n} split{'s' if n > 1 else ''}{' (default)' if splits == plan_splits(B, Hkv, S, Dh)[0] else ''}"] = \
-            graph_us(ours(splits))
+    default = plan_splits(B, Hkv, S, Dh)[0]
+    for splits in sorted({plan_splits(B, Hkv, S, Dh, n)[0] for n in (1, 2, 4, 8, default)}):
+        label = f"{splits} split{'s' if splits > 1 else ''}{' (default)' if splits == default else ''}"
+        for name, make in (("two/three launches", separate), ("fused, one launch", fused)):
+            keys[:, :, S // 2], values[:, :, S // 2] = 0, 0  # the call must write the slot's rows again
+            error = (make(splits)().float() - expected).abs().max().item()
+            row_error = (keys[:, :, S // 2] - written[0]).abs().max().item()
+            assert error < 0.05 and row_error < 0.05 and torch.equal(values[:, :, S // 2], written[1]), \
+                (B, S, name, splits, error, row_error)
+            rows[f"{name}, {label}"] = graph_us(make(splits))
     return rows
 
 

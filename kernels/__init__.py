@@ -7,6 +7,7 @@
 - rmsnorm.py, rope.py, glu.py, cross_entropy.py: the training kernels (see each file's docstring); rmsnorm.py
                   also has the residual add + RMSNorm of decoding.
 - decode_attention.py: a decode step's RoPE + KV-cache write and one-query attention (flash-decoding splits).
+- decode_attention_fused.py: the same in one launch (the last split to finish combines); model.py's decode step.
 - pdl.py:         programmatic dependent launch (Hopper): decode kernels start while the previous one ends.
 
 PyPI has an unrelated package named `kernels`; code importing ours checks `MINILORA_KERNELS`

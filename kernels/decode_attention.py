@@ -34,6 +34,10 @@ as rope_cache_write returns it. Neither function changes an input other than rop
 References: `rope_cache_write_reference`, `decode_attention_reference` (plain torch; given float64 inputs they
 compute the exact maths the tests measure against). Test: tests/test_decode_attention.py.
 Benchmark: benchmarks/decode_attention.py (beside the torch path it replaces; results in benchmarks/RESULTS.md).
+
+kernels/decode_attention_fused.py does the same in one launch (RoPE, cache write, attention and the split combine)
+and is what model.py calls; it shares this file's references, checks and helpers. The two or three launches here
+stay as the benchmark's baseline until a GPU run has timed both.
 """
 import os
 
@@ -285,9 +289,8 @@ def _check_caches(k_cache, v_cache, who):
     return k_cache.shape
 
 
-def rope_cache_write(q, k, v, cos, sin, k_cache, v_cache, slot):
-    """rope(k), v into k_cache/v_cache[:, :, slot] (in place); returns rope(q) as a new (B, H, Dh) tensor."""
-    who = "rope_cache_write"
+def _check_rope_inputs(who, q, k, v, cos, sin, k_cache, v_cache, slot):
+    """rope_cache_write's inputs (module docstring's layout); returns (B, Hkv, S, Dh, H)."""
     _check_launchable(q, who)
     B, Hkv, S, Dh = _check_caches(k_cache, v_cache, who)
     if q.dim() != 2 or q.shape[0] != B or q.shape[1] == 0 or q.shape[1] % Dh:
@@ -302,12 +305,35 @@ def rope_cache_write(q, k, v, cos, sin, k_cache, v_cache, slot):
     _check_tensors(who, ["q", "k", "v", "k_cache", "v_cache"], q=q, k=k, v=v, k_cache=k_cache, v_cache=v_cache,
                    cos=cos, sin=sin, slot=slot)
     _check_tensors(who, ["cos", "sin"], cos=cos, sin=sin)
-    H = q.shape[1] // Dh
+    return B, Hkv, S, Dh, q.shape[1] // Dh
+
+
+def _check_masking(who, H, Hkv, key_positions, key_segments, B, S, softcap, window, splits):
+    """decode_attention's GQA heads, masking inputs and options."""
+    if H == 0 or H % Hkv:
+        raise ValueError(f"{who}: q has H={H} heads, not a multiple of the caches' Hkv={Hkv} (GQA)")
+    for name, x in (("key_positions", key_positions), ("key_segments", key_segments)):
+        if x.shape != (B, S) or x.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"{who}: {name} is {tuple(x.shape)} {x.dtype}; expected ({B}, {S}) int32/int64")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"{who}: softcap={softcap}; expected None or a number > 0")
+    if window is not None and not (int(window) == window and window >= 1):
+        raise ValueError(f"{who}: window={window}; expected None or an integer >= 1")
+    if splits is not None and not (int(splits) == splits and splits >= 1):
+        raise ValueError(f"{who}: splits={splits}; expected None or an integer >= 1")
+
+
+def _row_stride(x, B):
+    """Row stride of cos or sin: a broadcast (1, Dh) row is read by every b with stride 0."""
+    return x.stride(0) if x.shape[0] == B else 0
+
+
+def rope_cache_write(q, k, v, cos, sin, k_cache, v_cache, slot):
+    """rope(k), v into k_cache/v_cache[:, :, slot] (in place); returns rope(q) as a new (B, H, Dh) tensor."""
+    B, Hkv, S, Dh, H = _check_rope_inputs("rope_cache_write", q, k, v, cos, sin, k_cache, v_cache, slot)
     q_rot = torch.empty((B, H, Dh), dtype=q.dtype, device=q.device)
     if B > 0:
-        # a broadcast (1, Dh) cos/sin row is read by every b with row stride 0
-        cos_stride = cos.stride(0) if cos.shape[0] == B else 0
-        sin_stride = sin.stride(0) if sin.shape[0] == B else 0
+        cos_stride, sin_stride = _row_stride(cos, B), _row_stride(sin, B)
         pdl = pdl_enabled(q.device)
         _rope_cache_write_kernel[(B, H + Hkv)](
             q, k, v, cos, sin, k_cache, v_cache, slot, q_rot, q.stride(0), k.stride(0), v.stride(0), cos_stride,
@@ -347,20 +373,10 @@ def decode_attention(q, k_cache, v_cache, key_positions, key_segments, slot, sca
         raise ValueError(f"{who}: q {tuple(q.shape)} must be (B, H, Dh) = ({B}, H, {Dh}) for caches "
                          f"{tuple(k_cache.shape)}")
     H = q.shape[1]
-    if H == 0 or H % Hkv:
-        raise ValueError(f"{who}: q has H={H} heads, not a multiple of the caches' Hkv={Hkv} (GQA)")
-    for name, x in (("key_positions", key_positions), ("key_segments", key_segments)):
-        if x.shape != (B, S) or x.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"{who}: {name} is {tuple(x.shape)} {x.dtype}; expected ({B}, {S}) int32/int64")
+    _check_masking(who, H, Hkv, key_positions, key_segments, B, S, softcap, window, splits)
     _check_slot(slot, who)
     _check_tensors(who, ["q", "k_cache", "v_cache"], q=q, k_cache=k_cache, v_cache=v_cache,
                    key_positions=key_positions, key_segments=key_segments, slot=slot)
-    if softcap is not None and not softcap > 0:
-        raise ValueError(f"{who}: softcap={softcap}; expected None or a number > 0")
-    if window is not None and not (int(window) == window and window >= 1):
-        raise ValueError(f"{who}: window={window}; expected None or an integer >= 1")
-    if splits is not None and not (int(splits) == splits and splits >= 1):
-        raise ValueError(f"{who}: splits={splits}; expected None or an integer >= 1")
 
     n_splits, keys_per_split = plan_splits(B, Hkv, S, Dh, splits)
     out = torch.empty((B, H, Dh), dtype=q.dtype, device=q.device)

@@ -8,8 +8,8 @@ shape, NF4, a new decoder per call: 214 -> 261 tok/s at batch 1, 1,089 -> 1,054 
 compiling per shape). Reuse a decoder (`make_decoder`, as evaluate.py does) to skip the capture per call.
 Graphs are captured without autograd, as generation runs (nf4.JoinedLinear4bit applies only then), and short
 batches replay their prefill from a graph too (prompts padded to a multiple of PROMPT_BUCKET): an eager
-prefill is bound by the host. On CUDA the step's attention runs in kernels/decode_attention.py (the
-StaticKVCache's `slot` and masking data are read by the kernels). H100, Llama-3.2-3B shape, NF4, 128 + 128
+prefill is bound by the host. On CUDA the step's attention runs in kernels/decode_attention_fused.py (the
+StaticKVCache's `slot` and masking data are read by the kernel). H100, Llama-3.2-3B shape, NF4, 128 + 128
 tokens: 531 tok/s at batch 1, 2,426 at batch 8 (benchmarks/RESULTS.md).
 Greedy output is checked against transformers' `generate` and batched output against one-prompt-at-a-time
 output in tests/test_generate.py.

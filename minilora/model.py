@@ -48,12 +48,12 @@ def triton_ops():
         raise ImportError(f"'kernels' resolved to {getattr(kernels, '__file__', kernels)!r}, not minilora's kernels "
                           "package (PyPI has an unrelated package of that name): `pip uninstall kernels`, then "
                           "`pip install -e .` in the minilora checkout.")
-    from kernels import cross_entropy, decode_attention, glu, rmsnorm, rope
+    from kernels import cross_entropy, decode_attention_fused, glu, rmsnorm, rope
 
     return dict(rms_norm=rmsnorm.rms_norm_triton, add_rms_norm=rmsnorm.add_rms_norm_triton, rope=rope.rope_triton,
                 swiglu=glu.swiglu_triton, geglu=glu.geglu_triton,
                 linear_cross_entropy=cross_entropy.linear_cross_entropy_triton,
-                rope_cache_write=decode_attention.rope_cache_write, decode_attention=decode_attention.decode_attention)
+                decode_attention_fused=decode_attention_fused.decode_attention_fused)
 
 
 class RMSNorm(nn.Module):
@@ -156,19 +156,17 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
     def _decode_one_token(self, q, k, v, cos, sin, cache):
-        """Attention of one new token per row (q, k, v: (B, 1, width)) over the cache, in two Triton launches
-        (kernels/decode_attention.py: RoPE + cache write, then attention under the masking rule read from the
+        """Attention of one new token per row (q, k, v: (B, 1, width)) over the cache in one Triton launch
+        (kernels/decode_attention_fused.py: RoPE, cache write and attention under the masking rule read from the
         cache's positions and segments) where the torch path takes eight kernels or more."""
         B = q.shape[0]
         if hasattr(self, "q_norm"):
             q = self.q_norm(q.view(B, 1, self.n_heads, self.head_dim))
             k = self.k_norm(k.view(B, 1, self.n_kv_heads, self.head_dim))
         keys, values = cache.keys[self.layer_idx], cache.values[self.layer_idx]
-        ops = triton_ops()
-        q = ops["rope_cache_write"](q.reshape(B, -1), k.reshape(B, -1), v.reshape(B, -1), cos[:, 0], sin[:, 0], keys,
-                                    values, cache.slot)
-        return ops["decode_attention"](q, keys, values, cache.key_positions, cache.key_segments, cache.slot,
-                                       self.scale, self.softcap, self.window)
+        return triton_ops()["decode_attention_fused"](
+            q.reshape(B, -1), k.reshape(B, -1), v.reshape(B, -1), cos[:, 0], sin[:, 0], keys, values,
+            cache.key_positions, cache.key_segments, cache.slot, self.scale, self.softcap, self.window)
 
     def _softcapped_attention(self, q, k, v, mask):
         """Gemma 2: scores = cap * tanh(scores / cap) after scaling, before the mask; softmax in fp32."""
@@ -414,7 +412,7 @@ class KVCache:
         self.max_length, self.length = max_length, 0
 
     def decodes_in_kernels(self, x):
-        """True when a one-token forward on x attends through kernels/decode_attention.py (generate.py's
+        """True when a one-token forward on x attends through kernels/decode_attention_fused.py (generate.py's
         StaticKVCache on CUDA); this cache's Python write position cannot be read by a kernel."""
         return False
 

@@ -141,8 +141,9 @@ def test_padding_prompts_to_a_bucket_leaves_the_prefill_logits(some_pair):
 
 @pytest.mark.parametrize("family", ["llama", "gemma2", "gemma3_text"])  # plain; window, softcap; q/k norms, local RoPE
 def test_decoding_through_the_attention_kernels_keeps_greedy_tokens(family, tmp_path_factory, monkeypatch):
-    """On CUDA a one-token step attends through kernels/decode_attention.py; here the same kernels run in
-    Triton's CPU interpreter (fp32) and must give the tokens of the torch path (RoPE, cache write, SDPA)."""
+    """On CUDA a one-token step attends through kernels/decode_attention_fused.py (one launch per block); here the
+    same kernel runs in Triton's CPU interpreter (fp32) and must give the tokens of the torch path (RoPE, cache
+    write, SDPA)."""
     from minilora.generate import StaticKVCache
     from minilora.model import triton_ops
 
@@ -151,8 +152,8 @@ def test_decoding_through_the_attention_kernels_keeps_greedy_tokens(family, tmp_
     expected = generate(model, prompts, NEW, stop_ids=[], pad_id=tok.pad_id)
     monkeypatch.setattr(StaticKVCache, "decodes_in_kernels", lambda self, x: True)
     ops, calls = triton_ops(), []
-    attend = ops["decode_attention"]
-    monkeypatch.setitem(ops, "decode_attention", lambda *args, **kw: calls.append(1) or attend(*args, **kw))
+    attend = ops["decode_attention_fused"]
+    monkeypatch.setitem(ops, "decode_attention_fused", lambda *args, **kw: calls.append(1) or attend(*args, **kw))
     assert generate(model, prompts, NEW, stop_ids=[], pad_id=tok.pad_id) == expected
     assert len(calls) == (NEW - 1) * len(model.model.layers)  # every decode step, every layer
 
