@@ -167,6 +167,42 @@ def _tanh(x):
 
 
 @triton.jit
+def _attend_keys(q, m, denom, acc, start, end, skip, b, query_pos, query_seg, pos_ptr, seg_ptr, pos_stride, seg_stride,
+                 k_cache_ptr, v_cache_ptr, cache, cache_stride_s, d, d_mask, scale, softcap, window,
+                 HEAD_DIM: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_FP32: tl.constexpr,
+                 BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+    """The online softmax (m, denom, acc) of q's heads carried over the cache keys [start, end) visible under the
+    masking rule, key `skip` excepted (-1: none). Shared by this file's kernel and the fused one."""
+    for block in range(start, end, BLOCK_S):
+        j = block + tl.arange(0, BLOCK_S)
+        in_chunk = j < end
+        key_pos = tl.load(pos_ptr + b * pos_stride + j, mask=in_chunk, other=0)
+        key_seg = tl.load(seg_ptr + b * seg_stride + j, mask=in_chunk, other=-1)
+        visible = in_chunk & (j != skip) & (key_seg == query_seg) & (key_pos <= query_pos)
+        if HAS_WINDOW:
+            visible = visible & (query_pos - key_pos < window)
+        if BLOCK_D == HEAD_DIM:
+            kv_mask = visible[:, None]  # one value per row: the row's loads stay vectorised
+        else:
+            kv_mask = visible[:, None] & d_mask[None, :]
+        rows = cache + j[:, None] * cache_stride_s + d[None, :]  # (BLOCK_S, BLOCK_D)
+        k = tl.load(k_cache_ptr + rows, mask=kv_mask, other=0.0)  # invisible keys are not read
+        v = tl.load(v_cache_ptr + rows, mask=kv_mask, other=0.0)
+        s = _dot(q, tl.trans(k), DOT_FP32) * scale  # (BLOCK_G, BLOCK_S)
+        if HAS_SOFTCAP:
+            s = softcap * _tanh(s / softcap)
+        s = tl.where(visible[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no visible key yet: exp(-inf - 0) = 0, no NaN
+        alpha = tl.exp(m - m_safe)  # rescales what was summed under the old max
+        p = tl.exp(s - m_safe[:, None])
+        denom = denom * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + _dot(p.to(v_cache_ptr.dtype.element_ty), v, DOT_FP32)
+        m = m_new
+    return m, denom, acc
+
+
+@triton.jit
 def _decode_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, seg_ptr, slot_ptr, out_ptr,
                              max_ptr, denom_ptr, acc_ptr, q_stride_b, q_stride_h, cache_stride_b, cache_stride_h,
                              cache_stride_s, pos_stride, seg_stride, Hkv, S, SPLITS, keys_per_split,
@@ -194,32 +230,9 @@ def _decode_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, seg_ptr, 
     acc = tl.zeros((BLOCK_G, BLOCK_D), tl.float32)  # running sum of exp(s - m) v
     start = split * keys_per_split
     end = tl.minimum(start + keys_per_split, S)
-    for block in range(start, end, BLOCK_S):
-        j = block + tl.arange(0, BLOCK_S)
-        in_chunk = j < end
-        key_pos = tl.load(pos_ptr + b * pos_stride + j, mask=in_chunk, other=0)
-        key_seg = tl.load(seg_ptr + b * seg_stride + j, mask=in_chunk, other=-1)
-        visible = in_chunk & (key_seg == query_seg) & (key_pos <= query_pos)
-        if HAS_WINDOW:
-            visible = visible & (query_pos - key_pos < window)
-        if BLOCK_D == HEAD_DIM:
-            kv_mask = visible[:, None]  # one value per row: the row's loads stay vectorised
-        else:
-            kv_mask = visible[:, None] & d_mask[None, :]
-        rows = cache + j[:, None] * cache_stride_s + d[None, :]  # (BLOCK_S, BLOCK_D)
-        k = tl.load(k_cache_ptr + rows, mask=kv_mask, other=0.0)  # invisible keys are not read
-        v = tl.load(v_cache_ptr + rows, mask=kv_mask, other=0.0)
-        s = _dot(q, tl.trans(k), DOT_FP32) * scale  # (BLOCK_G, BLOCK_S)
-        if HAS_SOFTCAP:
-            s = softcap * _tanh(s / softcap)
-        s = tl.where(visible[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no visible key yet: exp(-inf - 0) = 0, no NaN
-        alpha = tl.exp(m - m_safe)  # rescales what was summed under the old max
-        p = tl.exp(s - m_safe[:, None])
-        denom = denom * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + _dot(p.to(v_cache_ptr.dtype.element_ty), v, DOT_FP32)
-        m = m_new
+    m, denom, acc = _attend_keys(q, m, denom, acc, start, end, -1, b, query_pos, query_seg, pos_ptr, seg_ptr,
+                                 pos_stride, seg_stride, k_cache_ptr, v_cache_ptr, cache, cache_stride_s, d, d_mask,
+                                 scale, softcap, window, HEAD_DIM, HAS_SOFTCAP, HAS_WINDOW, DOT_FP32, BLOCK_D, BLOCK_S)
     row = b * (Hkv * G) + heads  # (b, head) as a row of (B * H, ...)
     if WRITE_PARTIALS:  # fp32 (m, denom, acc) of this split; _combine_splits_kernel merges them
         partial = row * SPLITS + split

@@ -36,8 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.decode_attention import (INTERPRET, _check_masking, _check_rope_inputs, _check_tensors, _dot, _row_stride,
-                                      _tanh, keys_per_block, plan_splits)
+from kernels.decode_attention import (INTERPRET, _attend_keys, _check_masking, _check_rope_inputs, _check_tensors,
+                                      _row_stride, _tanh, keys_per_block, plan_splits)
 from kernels.nf4_matmul import _arrives_last
 from kernels.pdl import let_dependents_start, pdl_enabled, wait_for_inputs
 
@@ -122,32 +122,10 @@ def _decode_attention_fused_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, k_cach
     m = tl.where(owns, s_own, float("-inf"))  # running max of each head's scores
     denom = tl.zeros((BLOCK_G,), tl.float32) + tl.where(owns, 1.0, 0.0)  # running sum of exp(s - m)
     acc = tl.zeros((BLOCK_G, BLOCK_D), tl.float32) + tl.where(owns, v_new.to(tl.float32), 0.0)[None, :]
-    for block in range(start, end, BLOCK_S):
-        j = block + tl.arange(0, BLOCK_S)
-        in_chunk = j < end
-        key_pos = tl.load(pos_ptr + b * pos_stride + j, mask=in_chunk, other=0)
-        key_seg = tl.load(seg_ptr + b * seg_stride + j, mask=in_chunk, other=-1)
-        visible = in_chunk & (j != slot) & (key_seg == query_seg) & (key_pos <= query_pos)
-        if HAS_WINDOW:
-            visible = visible & (query_pos - key_pos < window)
-        if BLOCK_D == HEAD_DIM:
-            kv_mask = visible[:, None]  # one value per row: the row's loads stay vectorised
-        else:
-            kv_mask = visible[:, None] & d_mask[None, :]
-        rows = cache + j[:, None] * cache_stride_s + d[None, :]  # (BLOCK_S, BLOCK_D)
-        k = tl.load(k_cache_ptr + rows, mask=kv_mask, other=0.0)  # invisible keys are not read
-        v = tl.load(v_cache_ptr + rows, mask=kv_mask, other=0.0)
-        s = _dot(q, tl.trans(k), DOT_FP32) * scale  # (BLOCK_G, BLOCK_S)
-        if HAS_SOFTCAP:
-            s = softcap * _tanh(s / softcap)
-        s = tl.where(visible[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no visible key yet: exp(-inf - 0) = 0, no NaN
-        alpha = tl.exp(m - m_safe)  # rescales what was summed under the old max
-        p = tl.exp(s - m_safe[:, None])
-        denom = denom * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + _dot(p.to(v_cache_ptr.dtype.element_ty), v, DOT_FP32)
-        m = m_new
+    # the own key is already in (m, denom, acc); its cache row is skipped, as it may not read back this write yet
+    m, denom, acc = _attend_keys(q, m, denom, acc, start, end, slot, b, query_pos, query_seg, pos_ptr, seg_ptr,
+                                 pos_stride, seg_stride, k_cache_ptr, v_cache_ptr, cache, cache_stride_s, d, d_mask,
+                                 scale, softcap, window, HEAD_DIM, HAS_SOFTCAP, HAS_WINDOW, DOT_FP32, BLOCK_D, BLOCK_S)
 
     row = b * (Hkv * G) + heads  # (b, head) as a row of (B * H, ...)
     if SPLITS == 1:

@@ -214,11 +214,10 @@ def test_decode_attention_random_masks(splits):
         _assert_attention_close(out, *args, None, window, f"random masks, window={window}")
 
 
-@pytest.mark.parametrize("window", [None, 5])
-def test_decode_step_matches_model(window):
-    """rope_cache_write + decode_attention give model.py's decode step: apply_rope, StaticKVCache.update, SDPA under
-    build_mask, on ragged left-padded prompts laid out as generate.left_pad does. fp32, torch's default tolerances
-    (the same fp32 roundings, summed in another order)."""
+def model_decode_step(window):
+    """model.py's decode step on ragged left-padded prompts laid out as generate.left_pad does (apply_rope,
+    StaticKVCache.update, SDPA under build_mask), fp32: the one-token q, k, v, cos, sin and a copy of the caches
+    before the step (for the kernels to write), the cache, and what the step gives (keys, values, out)."""
     B, H, Hkv, Dh, S, prompt = 3, 6, 2, 64, 48, 20
     config = types.SimpleNamespace(num_key_value_heads=Hkv, head_dim=Dh, num_hidden_layers=1)
     cache = StaticKVCache(config, B, S, "cpu", torch.float32)
@@ -235,16 +234,23 @@ def test_decode_step_matches_model(window):
     k_cache, v_cache = cache.keys[0].clone(), cache.values[0].clone()
 
     def heads(x):  # (B, n * Dh) -> (B, n, 1, Dh), as Attention.forward views a one-token projection
-        return x.view(B, 1, -1, Dh).transpose(1, 2)
+        return x.reshape(B, 1, -1, Dh).transpose(1, 2)
 
     keys, values = cache.update(0, model.apply_rope(heads(k), cos, sin), heads(v))
     mask = model.build_mask(positions, segments, window, cache)
-    expected = F.scaled_dot_product_attention(model.apply_rope(heads(q), cos, sin), keys, values, attn_mask=mask,
-                                              scale=Dh ** -0.5, enable_gqa=True)[:, :, 0]
+    out = F.scaled_dot_product_attention(model.apply_rope(heads(q), cos, sin), keys, values, attn_mask=mask,
+                                         scale=Dh ** -0.5, enable_gqa=True)[:, :, 0]
+    return (q, k, v, cos[:, 0], sin[:, 0], k_cache, v_cache), cache, (keys, values, out)
 
-    q_rot = rope_cache_write(q, k, v, cos[:, 0], sin[:, 0], k_cache, v_cache, cache.slot)
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_decode_step_matches_model(window):
+    """rope_cache_write + decode_attention give model.py's decode step (`model_decode_step`). fp32, torch's default
+    tolerances (the same fp32 roundings, summed in another order)."""
+    (q, k, v, cos, sin, k_cache, v_cache), cache, (keys, values, expected) = model_decode_step(window)
+    q_rot = rope_cache_write(q, k, v, cos, sin, k_cache, v_cache, cache.slot)
     out = decode_attention(q_rot, k_cache, v_cache, cache.key_positions, cache.key_segments, cache.slot,
-                           Dh ** -0.5, window=window)
+                           k_cache.shape[-1] ** -0.5, window=window)
     torch.testing.assert_close(k_cache, keys)
     assert torch.equal(v_cache, values)
     torch.testing.assert_close(out, expected)

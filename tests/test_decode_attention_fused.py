@@ -11,11 +11,9 @@ each call: a kernel that read it back would show.
 GPU (`-m gpu`): compiled, at model shapes, and captured in a CUDA graph replayed with new slots.
 """
 import math
-import types
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
@@ -23,10 +21,8 @@ from kernels import decode_attention_fused as fused  # noqa: E402
 from kernels.decode_attention import (decode_attention_reference, plan_splits,  # noqa: E402
                                       rope_cache_write_reference)
 from kernels.decode_attention_fused import decode_attention_fused  # noqa: E402
-from minilora import model  # noqa: E402
-from minilora.generate import StaticKVCache  # noqa: E402
 from test_decode_attention import (CASES, GPU_CASES, _assert_attention_close, _assert_rope_close,  # noqa: E402
-                                   _decode_inputs)
+                                   _decode_inputs, model_decode_step)
 
 
 def _quarter_turns(rows, Dh, dtype, device):
@@ -154,34 +150,11 @@ def test_decode_attention_fused_random_masks(splits):
 
 @pytest.mark.parametrize("window", [None, 5])
 def test_fused_decode_step_matches_model(window):
-    """The fused call gives model.py's decode step (apply_rope, StaticKVCache.update, SDPA under build_mask) on
-    ragged left-padded prompts with real RoPE angles: test_decode_attention.test_decode_step_matches_model's set-up,
-    fp32, torch's default tolerances."""
-    B, H, Hkv, Dh, S, prompt = 3, 6, 2, 64, 48, 20
-    config = types.SimpleNamespace(num_key_value_heads=Hkv, head_dim=Dh, num_hidden_layers=1)
-    cache = StaticKVCache(config, B, S, "cpu", torch.float32)
-    lengths = torch.tensor([20, 13, 4])
-    valid = torch.arange(prompt)[None, :] >= prompt - lengths[:, None]
-    cache.append_positions((valid.long().cumsum(-1) - 1).clamp(min=0), valid.long())  # the prefill
-    cache.update(0, torch.randn(B, Hkv, prompt, Dh), torch.randn(B, Hkv, prompt, Dh))
-    cache.slot += prompt
-    positions, segments = lengths[:, None], torch.ones(B, 1, dtype=torch.long)  # each row's next position
-    cache.append_positions(positions, segments)
-    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, Dh, 2).float() / Dh))
-    cos, sin = model.rope_cos_sin(inv_freq, positions, torch.float32)  # (B, 1, Dh)
-    q, k, v = _projection(B, H, Hkv, Dh, torch.float32, "cpu")
-    k_cache, v_cache = cache.keys[0].clone(), cache.values[0].clone()
-
-    def heads(x):  # (B, n * Dh) -> (B, n, 1, Dh), as Attention.forward views a one-token projection
-        return x.reshape(B, 1, -1, Dh).transpose(1, 2)
-
-    keys, values = cache.update(0, model.apply_rope(heads(k), cos, sin), heads(v))
-    mask = model.build_mask(positions, segments, window, cache)
-    expected = F.scaled_dot_product_attention(model.apply_rope(heads(q), cos, sin), keys, values, attn_mask=mask,
-                                              scale=Dh ** -0.5, enable_gqa=True)[:, :, 0]
-
-    out = decode_attention_fused(q, k, v, cos[:, 0], sin[:, 0], k_cache, v_cache, cache.key_positions,
-                                 cache.key_segments, cache.slot, Dh ** -0.5, window=window)
+    """The fused call gives model.py's decode step (test_decode_attention.model_decode_step: ragged left-padded
+    prompts, real RoPE angles), fp32, torch's default tolerances."""
+    (q, k, v, cos, sin, k_cache, v_cache), cache, (keys, values, expected) = model_decode_step(window)
+    out = decode_attention_fused(q, k, v, cos, sin, k_cache, v_cache, cache.key_positions, cache.key_segments,
+                                 cache.slot, k_cache.shape[-1] ** -0.5, window=window)
     torch.testing.assert_close(k_cache, keys)
     assert torch.equal(v_cache, values)
     torch.testing.assert_close(out, expected)
