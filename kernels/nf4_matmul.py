@@ -72,6 +72,7 @@ else:
                                                (128, 2, 4, 4, 3), (16, 4, 4, 4, 3), (64, 2, 8, 4, 3)]]
 MAX_SPLIT_K, MIN_BLOCK_N = 8, 8
 INTERPRET_PLAN = (2, 2)  # the GEMV's (SPLIT_K, AHEAD) under the interpreter
+X_AHEAD = os.environ.get("MINILORA_X_AHEAD", "1") == "1"  # WIP: 16-bit x loaded a step ahead (A/B switch)
 GLU_ACTIVATIONS = ("silu", "gelu_tanh")  # SwiGLU, GeGLU (tanh approximation) as kernels/glu.py computes them
 
 
@@ -130,14 +131,29 @@ def _x_pair(x_row, pair, mask, X_FORMAT: tl.constexpr):
         even = tl.load(x_row + 2 * pair, mask=mask, other=0.0)
         odd = tl.load(x_row + 2 * pair + 1, mask=mask, other=0.0)
     else:
-        p = tl.load(x_row + pair, mask=mask, other=0)
-        if X_FORMAT == 1:  # a bf16 is the top half of the fp32 of the same value
-            even = (p << 16).to(tl.float32, bitcast=True)
-            odd = (p & -65536).to(tl.float32, bitcast=True)
-        else:
-            even = (p & 65535).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-            odd = (p >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        even, odd = _widen_pair(tl.load(x_row + pair, mask=mask, other=0), X_FORMAT)
     return even, odd
+
+
+@triton.jit
+def _widen_pair(p, X_FORMAT: tl.constexpr):
+    """An int32 pair of 16-bit x columns (X_FORMAT 1: bf16, 2: fp16) as fp32 (even column, odd column)."""
+    if X_FORMAT == 1:  # a bf16 is the top half of the fp32 of the same value
+        even = (p << 16).to(tl.float32, bitcast=True)
+        odd = (p & -65536).to(tl.float32, bitcast=True)
+    else:
+        even = (p & 65535).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        odd = (p >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return even, odd
+
+
+@triton.jit
+def _x_step(x_row, group, end, pair_in_group):
+    """The int32 column pairs of 16-bit x that step `group` reads, byte b of each word in the b-th tensor."""
+    pair = group[None, :, None, None] * 32 + pair_in_group
+    mask = pair < end * 32
+    return (tl.load(x_row + pair, mask=mask, other=0), tl.load(x_row + pair + 1, mask=mask, other=0),
+            tl.load(x_row + pair + 2, mask=mask, other=0), tl.load(x_row + pair + 3, mask=mask, other=0))
 
 
 @triton.jit
@@ -216,7 +232,7 @@ def _gemv_nf4_kernel(x_ptr, words_ptr, absmax_ptr, nested_absmax_ptr, nested_cod
                      partial_ptr, count_ptr, M, N, K_GROUPS, stride_xm, stride_om, X_FORMAT: tl.constexpr,
                      NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, SHUFFLE: tl.constexpr, PDL: tl.constexpr,
                      GLU: tl.constexpr, GELU: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
-                     ROWS: tl.constexpr, SPLIT_K: tl.constexpr, AHEAD: tl.constexpr):
+                     ROWS: tl.constexpr, SPLIT_K: tl.constexpr, AHEAD: tl.constexpr, X_AHEAD: tl.constexpr):
     """One program per (BLOCK_N rows of W, row of x, K split); a second row of x (M = 2) re-reads W from L2.
 
     The BLOCK_N rows are a (BLOCK_N / ROWS, ROWS) grid, each thread holding ROWS rows of the same words, so the
@@ -244,6 +260,8 @@ def _gemv_nf4_kernel(x_ptr, words_ptr, absmax_ptr, nested_absmax_ptr, nested_cod
                                          n_mask, start + GROUPS + g, start + GROUPS + g < end, K_GROUPS, NESTED,
                                          NESTED_BLOCKSIZE)
     wait_for_inputs(PDL)  # x, the workspace and the output come after the previous kernel
+    if X_AHEAD:  # 16-bit x only: this step's x pairs in registers, the next step's requested with its words
+        x0, x1, x2, x3 = _x_step(x_row, start + g, end, pair_in_group)
     for g0 in range(start, end, GROUPS):
         group = g0 + g
         g_mask = group < end
@@ -252,10 +270,22 @@ def _gemv_nf4_kernel(x_ptr, words_ptr, absmax_ptr, nested_absmax_ptr, nested_cod
         next_words, next_scale = _load_row_words(words_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr,
                                                  offset_ptr, n, n_mask, ahead, ahead < end, K_GROUPS, NESTED,
                                                  NESTED_BLOCKSIZE)
+        if X_AHEAD:
+            n0, n1, n2, n3 = _x_step(x_row, group + GROUPS, end, pair_in_group)
         part = tl.zeros((CHUNK, GROUPS, ROWS, 8), dtype=tl.float32)
         for b in tl.static_range(4):  # byte b of every word: columns 8w + 2b (high nibble) and 8w + 2b + 1 (low)
-            pair = group[None, :, None, None] * 32 + pair_in_group + b
-            x_even, x_odd = _x_pair(x_row, pair, g_mask[None, :, None, None], X_FORMAT)
+            if X_AHEAD:
+                if b == 0:
+                    x_even, x_odd = _widen_pair(x0, X_FORMAT)
+                elif b == 1:
+                    x_even, x_odd = _widen_pair(x1, X_FORMAT)
+                elif b == 2:
+                    x_even, x_odd = _widen_pair(x2, X_FORMAT)
+                else:
+                    x_even, x_odd = _widen_pair(x3, X_FORMAT)
+            else:
+                pair = group[None, :, None, None] * 32 + pair_in_group + b
+                x_even, x_odd = _x_pair(x_row, pair, g_mask[None, :, None, None], X_FORMAT)
             part += _code(table, code_ptr, words >> (8 * b + 4), SHUFFLE) * x_even
             part += _code(table, code_ptr, words >> (8 * b), SHUFFLE) * x_odd
         acc += part * scale[:, :, :, None]
@@ -263,6 +293,8 @@ def _gemv_nf4_kernel(x_ptr, words_ptr, absmax_ptr, nested_absmax_ptr, nested_cod
             words, scale, words2, scale2 = words2, scale2, next_words, next_scale
         else:
             words, scale = next_words, next_scale
+        if X_AHEAD:
+            x0, x1, x2, x3 = n0, n1, n2, n3
     out = tl.sum(tl.sum(acc, axis=3), axis=1)  # (CHUNK, ROWS)
     if SPLIT_K == 1:
         _store_rows(out_ptr + row * stride_om, n, n_mask, out, GLU, GELU)
@@ -450,6 +482,13 @@ def gemv_plan(M: int, N: int, K_GROUPS: int, sms: int) -> tuple[int, int]:
     return best[1], best[2]
 
 
+def _x_ahead(x_format: int, nested: bool, ahead: int) -> bool:
+    """Whether the GEMV loads 16-bit x a step ahead: not for fp32 x, and not where it would cost occupancy (sm_90,
+    Triton 3.6: 128 -> 168 registers with a double-quantized absmax at AHEAD = 1; 128 with an fp32 absmax, and
+    AHEAD = 2 at 167-168 either way)."""
+    return X_AHEAD and x_format != 0 and not (nested and ahead == 1)
+
+
 @functools.lru_cache(maxsize=None)
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
@@ -477,7 +516,8 @@ def _gemv(x2: torch.Tensor, state: NF4State, words: torch.Tensor, glu: str | Non
         x_arg, words, *nested_args(state), state.code, out, *_split_k_workspace(M, N, x2.device), M, N, K // 64,
         x_arg.stride(0), out.stride(0), X_FORMAT=x_format, NESTED=state.nested, NESTED_BLOCKSIZE=state.nested_blocksize,
         SHUFFLE=not INTERPRET, PDL=pdl, GLU=glu is not None, GELU=glu == "gelu_tanh",
-        SPLIT_K=split_k, AHEAD=ahead, **GEMV_TILE, num_warps=GEMV_WARPS, num_stages=1,
+        SPLIT_K=split_k, AHEAD=ahead, X_AHEAD=_x_ahead(x_format, state.nested, ahead), **GEMV_TILE,
+        num_warps=GEMV_WARPS, num_stages=1,
         launch_pdl=pdl)
     return out
 

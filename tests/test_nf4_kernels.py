@@ -142,6 +142,22 @@ def test_gemv_plans_match_reference(plan):
     _assert_matmul_close(out, x, nf4.dequantize_nf4(state, torch.bfloat16), f"GEMV, plan {plan}")
 
 
+@pytest.mark.parametrize("nested", [True, False])
+@pytest.mark.parametrize("plan", [(1, 1), (2, 2), (3, 1)])
+def test_gemv_x_a_step_ahead_changes_no_bit(plan, nested, monkeypatch):
+    """16-bit x loaded a step ahead (X_AHEAD) or in the step: the same values in the same sums."""
+    from kernels import nf4_matmul
+
+    state = _state(40, 640, nested=nested)
+    x = torch.randn(1, 640).to(torch.float16)
+    outs = []
+    for on in (True, False):
+        monkeypatch.setattr(nf4_matmul, "X_AHEAD", on)
+        outs.append(nf4_matmul._gemv(x, state, nf4_matmul._words(state), plan=plan))
+    assert torch.equal(outs[0], outs[1])
+    _assert_matmul_close(outs[0], x, nf4.dequantize_nf4(state, torch.float16), f"GEMV, plan {plan}")
+
+
 def test_gemv_plan_fits_one_wave_when_a_split_can():
     from kernels.nf4_matmul import GEMV_PROGRAMS_PER_SM, GEMV_TILE, MAX_SPLIT_K, gemv_plan
 
