@@ -1,6 +1,6 @@
 """Decode-step attention, three ways at Llama-3.2-3B's heads: the torch path model.py takes without kernels (RoPE
-kernel, two index_copy_, SDPA with the additive mask); kernels/decode_attention.py's two launches (RoPE + cache
-write, attention) plus a combine launch when split; kernels/decode_attention_fused.py's one launch.
+kernel, two index_copy_, SDPA with the additive mask); minilora/kernels/decode_attention.py's two launches (RoPE + cache
+write, attention) plus a combine launch when split; minilora/kernels/decode_attention_fused.py's one launch.
 
     python benchmarks/decode_attention.py [--heads 24 --kv-heads 8 --head-dim 128]
 
@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from kernels.decode_attention import decode_attention, plan_splits, rope_cache_write  # noqa: E402
-from kernels.decode_attention_fused import decode_attention_fused  # noqa: E402
-from kernels.rope import rope_triton  # noqa: E402
+from minilora.kernels.decode_attention import decode_attention, plan_splits, rope_cache_write  # noqa: E402
+from minilora.kernels.decode_attention_fused import decode_attention_fused  # noqa: E402
+from minilora.kernels.rope import rope_triton  # noqa: E402
 
 REPEATS = 20
 

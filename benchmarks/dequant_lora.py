@@ -1,4 +1,4 @@
-"""The merged-weight dequantization (W + s B A, kernels/nf4_dequant.py `dequantize_nf4_lora`) against the plain
+"""The merged-weight dequantization (W + s B A, minilora/kernels/nf4_dequant.py `dequantize_nf4_lora`) against the plain
 NF4 dequantization and a write-only floor, at Llama-3.2-3B shapes, streamed as a training pass streams the layers.
 
 Each case holds 28 different NF4 weights of one shape (more than the card's L2) and times one CUDA graph over all
@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
 from gemv import LAYERS, SHAPES, graph_time  # noqa: E402
-from kernels import nf4_dequant  # noqa: E402
+from minilora.kernels import nf4_dequant  # noqa: E402
 from minilora.nf4 import quantize_nf4  # noqa: E402
 
 R, SCALING = 16, 1.0

@@ -64,8 +64,8 @@ def check_close(out, x, w, what):
 
 def glu_table(shapes):
     """Rows of the --glu table: per joined gate/up shape (2F, K), x one bf16 row, µs per MLP front in the graph."""
-    import kernels.nf4_matmul as mm
-    from kernels.glu import swiglu_triton
+    import minilora.kernels.nf4_matmul as mm
+    from minilora.kernels.glu import swiglu_triton
     from minilora.nf4 import dequantize_nf4, quantize_nf4
 
     lines = [f"## Gate/up GEMV + SwiGLU vs the fused kernel, batch 1 (28 weights per shape; "
@@ -99,7 +99,7 @@ def glu_table(shapes):
 
 def matmul_table(shapes, rows):
     """Rows of the default table: every path of `matmul_nf4` per shape and number of rows M of x."""
-    import kernels.nf4_matmul as mm
+    import minilora.kernels.nf4_matmul as mm
     from minilora.nf4 import dequantize_nf4, quantize_nf4
 
     lines = [f"## Decode matmuls as a decode step streams them (28 weights per shape; {datetime.date.today().isoformat()})",

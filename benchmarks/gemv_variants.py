@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from kernels.nf4_dequant import _absmax, nested_args  # noqa: E402
+from minilora.kernels.nf4_dequant import _absmax, nested_args  # noqa: E402
 
 INTERP = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -283,7 +283,7 @@ def _stream_table(columns, ms, make, unchecked=()):
 
 
 def _baselines(x, states, dense):
-    import kernels.nf4_matmul as mm
+    import minilora.kernels.nf4_matmul as mm
 
     return {"bf16": lambda i: F.linear(x, dense[i]), "current": lambda i: mm.matmul_nf4(x, states[i])}
 

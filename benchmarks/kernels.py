@@ -62,8 +62,8 @@ def main() -> None:
     import bitsandbytes.functional as bnbf
     import triton
 
-    from kernels import nf4_matmul
-    from kernels.nf4_dequant import dequantize_nf4
+    from minilora.kernels import nf4_matmul
+    from minilora.kernels.nf4_dequant import dequantize_nf4
     from minilora import nf4
 
     torch.manual_seed(0)

@@ -3,9 +3,9 @@
 CPU, SmolLM2-135M-Instruct real weights (NF4 base), LoRA r=16 alpha=32 on all seven linears, no dropout, AdamW
 lr 2e-4, clip 0.3, 8 steps of 4 CodeAlpaca rows (<= 96 tokens). Five runs from the same seed:
   fp32 reference  - everything in fp32 (the plain LoRALinear): the yardstick
-  fp32 merged     - kernels/lora.py's merged-weight node in fp32 (W + s B A, gradients in fp32)
+  fp32 merged     - minilora/kernels/lora.py's merged-weight node in fp32 (W + s B A, gradients in fp32)
   bf16 reference  - the plain LoRALinear in bf16 (what benchmarks/loss_agreement.py's reference path computes)
-  bf16 fused      - kernels/lora.py's LoRA-branch node in bf16 (the fast path before the merged node)
+  bf16 fused      - minilora/kernels/lora.py's LoRA-branch node in bf16 (the fast path before the merged node)
   bf16 merged     - the merged-weight node in bf16: W' = bf16(W + s B A)
 The Triton kernels are swapped for torch equivalents (`merged_weight`, `lora_grads` below: same formulas) so the
 nodes run on the CPU. Takes ~15 minutes on 2 cores.
@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import kernels.lora as fused  # noqa: E402
+import minilora.kernels.lora as fused  # noqa: E402
 import minilora.lora as lora  # noqa: E402
 from minilora.data import collate_padded, load_records, tokenize_records  # noqa: E402
 from minilora.loading import load_model  # noqa: E402

@@ -20,10 +20,10 @@ import torch
 import triton
 import triton.testing
 
-from kernels.cross_entropy import linear_cross_entropy_torch, linear_cross_entropy_triton
-from kernels.glu import geglu_torch, geglu_triton, swiglu_torch, swiglu_triton
-from kernels.rmsnorm import rms_norm_torch, rms_norm_triton
-from kernels.rope import rope_torch, rope_triton
+from minilora.kernels.cross_entropy import linear_cross_entropy_torch, linear_cross_entropy_triton
+from minilora.kernels.glu import geglu_torch, geglu_triton, swiglu_torch, swiglu_triton
+from minilora.kernels.rmsnorm import rms_norm_torch, rms_norm_triton
+from minilora.kernels.rope import rope_torch, rope_triton
 
 COPY_TB_S = 2.96  # H100 80GB HBM3 device-to-device copy, read + write, issue 6
 B, T, D, H, HKV, DH, INTER, V = 8, 512, 3072, 24, 8, 128, 8192, 128256

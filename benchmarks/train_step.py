@@ -121,17 +121,17 @@ def worker(args):
     train.py default on a GPU) or eagerly ("minilora-eager")."""
     kept = args.uncheckpointed_blocks
     if args.no_merge:  # A/B of the merged-weight LoRA node: every layer takes the LoRA-branch path instead
-        import kernels.lora
+        from minilora.kernels import lora
 
-        kernels.lora.MERGE_MIN_ROWS = sys.maxsize
-    if args.torch_lora_grads:  # A/B of kernels/lora_backward.py: the merged node's dA, dB from cuBLAS GEMMs
-        import kernels.lora
+        lora.MERGE_MIN_ROWS = sys.maxsize
+    if args.torch_lora_grads:  # A/B of minilora/kernels/lora_backward.py: the merged node's dA, dB from cuBLAS GEMMs
+        from minilora.kernels import lora
 
         def torch_lora_grads(x, g, lora_A, lora_B, scaling):
             a_s, b_s = (lora_A * scaling).to(x.dtype), (lora_B * scaling).to(x.dtype)
             return torch.mm((g @ b_s).t(), x).float(), torch.mm(g.t(), x @ a_s.t()).float()
 
-        kernels.lora.lora_grads = torch_lora_grads
+        lora.lora_grads = torch_lora_grads
     stack = {"minilora": lambda d, c: minilora_stack(d, c, kept), "minilora-eager": lambda d, c: minilora_stack(d, c, kept),
              "hf": hf_stack, "hf-lean": lambda d, c: hf_stack(d, c, recipe=False)}[args.worker]
     model, loss_fn, load_peak = stack(args.dir, args.ckpt == "on")
@@ -326,9 +326,9 @@ def main():
     parser.add_argument("--uncheckpointed-blocks", type=int, default=0, help=argparse.SUPPRESS)  # worker
     parser.add_argument("--no-table", action="store_true")
     parser.add_argument("--no-merge", action="store_true", help="worker: minilora without the merged-weight LoRA "
-                        "node (kernels/lora.py MERGE_MIN_ROWS), for A/B runs")
+                        "node (minilora/kernels/lora.py MERGE_MIN_ROWS), for A/B runs")
     parser.add_argument("--torch-lora-grads", action="store_true", help="worker: the merged node's LoRA gradients "
-                        "from cuBLAS instead of kernels/lora_backward.py, for A/B runs")
+                        "from cuBLAS instead of minilora/kernels/lora_backward.py, for A/B runs")
     parser.add_argument("--workdir", default="/tmp/minilora-bench")
     parser.add_argument("--results", default=os.path.join(HERE, "RESULTS.md"))
     args = parser.parse_args()

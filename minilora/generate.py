@@ -8,7 +8,7 @@ shape, NF4, a new decoder per call: 214 -> 261 tok/s at batch 1, 1,089 -> 1,054 
 compiling per shape). Reuse a decoder (`make_decoder`, as evaluate.py does) to skip the capture per call.
 Graphs are captured without autograd, as generation runs (nf4.JoinedLinear4bit applies only then), and short
 batches replay their prefill from a graph too (prompts padded to a multiple of PROMPT_BUCKET): an eager
-prefill is bound by the host. On CUDA the step's attention runs in kernels/decode_attention_fused.py (the
+prefill is bound by the host. On CUDA the step's attention runs in minilora/kernels/decode_attention_fused.py (the
 StaticKVCache's `slot` and masking data are read by the kernel). H100, Llama-3.2-3B shape, NF4, 128 + 128
 tokens: 531 tok/s at batch 1, 2,426 at batch 8 (benchmarks/RESULTS.md).
 Greedy output is checked against transformers' `generate` and batched output against one-prompt-at-a-time
@@ -123,7 +123,8 @@ class StaticKVCache(KVCache):
 
 
 def join_projections(model):
-    """Join each block's 4-bit q/k/v and gate/up layers into one 4-bit matmul each (`nf4.JoinedLinear4bit`).
+    """Join each block's 4-bit q/k/v and gate/up layers into one 4-bit matmul each (`nf4.JoinedLinear4bit`),
+    and give o_proj and down_proj the same form alone (for its fp32 absmax, which the GEMV reads faster).
 
     A decode step then makes 4 NF4 matmul launches per block instead of 7. Layers that are not plain
     Linear4bit (float weights, LoRA wrappers) stay as they are; joining again is a no-op."""
@@ -132,7 +133,9 @@ def join_projections(model):
     for block in model.model.layers:
         attn, mlp = block.self_attn, block.mlp
         for owner, attr, layers in ((attn, "joined_qkv", (attn.q_proj, attn.k_proj, attn.v_proj)),
-                                    (mlp, "joined_gate_up", (mlp.gate_proj, mlp.up_proj))):
+                                    (attn, "joined_o", (attn.o_proj,)),
+                                    (mlp, "joined_gate_up", (mlp.gate_proj, mlp.up_proj)),
+                                    (mlp, "joined_down", (mlp.down_proj,))):
             joined = getattr(owner, attr)
             if joined is not None and joined.holds(*layers):
                 continue

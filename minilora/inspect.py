@@ -105,7 +105,7 @@ class Regime:
     """How the training step runs, which decides what autograd keeps and in which dtype."""
     act: int  # bytes of a kept activation: 4 (fp32) or 2 (bf16 autocast)
     autocast: bool  # bf16 autocast with fp32 LoRA weights (trainer.py on a GPU)
-    kernels: bool  # the Triton training kernels of kernels/ (RMSNorm, RoPE, GLU, fused loss): CUDA's default
+    kernels: bool  # the Triton training kernels of minilora/kernels/ (RMSNorm, RoPE, GLU, fused loss): CUDA's default
     cuda: bool  # CUDA dropout keeps a bool mask (CPU: an fp32 noise); flash attention keeps its RNG state
     fused_lora: bool = False  # LoRALinear runs kernels/lora.py's fused node (lora.py `_fused`: CUDA, backend not torch)
     merged_lora: bool = False  # ...and folds B A into the dequantized weight when it can (kernels/lora.py `_merges`)
@@ -116,7 +116,7 @@ class Regime:
         autocast = cuda and dtype != torch.float32
         kernels = fused = False
         if cuda:
-            from kernels.backend import resolve_backend
+            from minilora.kernels.backend import resolve_backend
 
             backend = resolve_backend("auto", device)
             kernels, fused = backend == "triton", backend != "torch"
@@ -125,8 +125,8 @@ class Regime:
 
 
 def _merges(reg, dropout, width, rows):
-    """Does a LoRA layer of input `width` take the merged-weight node (kernels/lora.py `_merges`)?"""
-    from kernels.lora import MERGE_MIN_ROWS
+    """Does a LoRA layer of input `width` take the merged-weight node (minilora/kernels/lora.py `_merges`)?"""
+    from minilora.kernels.lora import MERGE_MIN_ROWS
 
     return reg.merged_lora and not dropout and width % 64 == 0 and rows >= MERGE_MIN_ROWS
 
@@ -139,7 +139,7 @@ def _lora_activations(width, out_width, r, N, dropout, reg, grad_x, input_saved)
     if _merges(reg, dropout, width, N):
         return 0 if input_saved else N * width * a  # the merged-weight node keeps x alone
     if reg.fused_lora:
-        # kernels/lora.py saves u (x itself, or its dropped-out copy and the bool mask), xa = u A^T, and the
+        # minilora/kernels/lora.py saves u (x itself, or its dropped-out copy and the bool mask), xa = u A^T, and the
         # compute-dtype copies of A and B, whether or not x needs a gradient
         kept = N * r * a + a * r * (width + out_width)
         if dropout:
@@ -251,7 +251,7 @@ def estimate_activations(c, lora, r, dropout, B, T, reg, uncheckpointed=0):
     head = (N * ((a if reg.kernels else 4) * D + 4) + (4 * D if c.norm_unit_offset and not reg.kernels else 0)
             if grad else 0)
     if reg.kernels and "lm_head" not in lora:
-        # kernels/cross_entropy.py computes the hidden states' gradient in the forward and keeps only it
+        # minilora/kernels/cross_entropy.py computes the hidden states' gradient in the forward and keeps only it
         head += N * D * a if grad else 0
     else:  # log_softmax keeps its fp32 output, nll_loss the int64 labels and an fp32 total weight
         head += N * V * 4 + N * 8 + 4

@@ -34,7 +34,7 @@ def _fused(x):
     """The fused LoRA node runs on CUDA unless the torch reference path is chosen (backend "torch")."""
     if not x.is_cuda:
         return False
-    from kernels.backend import resolve_backend
+    from minilora.kernels.backend import resolve_backend
 
     return resolve_backend("auto", x.device) != "torch"
 
@@ -61,7 +61,7 @@ class LoRALinear(nn.Module):
 
     def forward(self, x):
         if _fused(x) and not self.merged:  # one autograd node, LoRA accumulated into the base GEMM (kernels/lora.py)
-            from kernels.lora import lora_linear
+            from minilora.kernels.lora import lora_linear
 
             mask = None
             if self.training and self.dropout_p > 0:

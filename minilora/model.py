@@ -13,8 +13,8 @@ Attention masking is one rule for training, packing and generation: query q may 
 Packed rows get one segment id per example (positions restart at 0), padding gets its own segment,
 so nothing leaks across examples and no row is ever fully masked.
 
-On CUDA (backend setting "triton", the default there; see kernels/backend.py) RMSNorm, RoPE, the GLU and
-the loss run as the Triton kernels of kernels/; everywhere else the plain-torch lines below run. Both give
+On CUDA (backend setting "triton", the default there; see minilora/kernels/backend.py) RMSNorm, RoPE, the GLU and
+the loss run as the Triton kernels of minilora/kernels/; everywhere else the plain-torch lines below run. Both give
 the same numbers up to rounding (tests/test_train_kernels.py).
 """
 import functools
@@ -34,21 +34,23 @@ def use_triton(x):
     our kernels; generate.py's compiled decode step)."""
     if not x.is_cuda or torch.compiler.is_compiling():
         return False
-    from kernels.backend import resolve_backend
+    from minilora.kernels.backend import resolve_backend
 
     return resolve_backend("auto", x.device) == "triton"
+
+
+def _project(layer, joined, x):
+    """layer(x), through `joined` (nf4.JoinedLinear4bit of that one layer: generate.join_projections) while it
+    applies: the same 4-bit weight, its absmax read decoded."""
+    if joined is not None and joined.applies_to(layer):
+        return joined(x)[0]
+    return layer(x)
 
 
 @functools.lru_cache(maxsize=None)
 def triton_ops():
     """The Triton training kernels, imported on first use so that CPU-only installs never need triton."""
-    import kernels
-
-    if not getattr(kernels, "MINILORA_KERNELS", False):
-        raise ImportError(f"'kernels' resolved to {getattr(kernels, '__file__', kernels)!r}, not minilora's kernels "
-                          "package (PyPI has an unrelated package of that name): `pip uninstall kernels`, then "
-                          "`pip install -e .` in the minilora checkout.")
-    from kernels import cross_entropy, decode_attention_fused, glu, rmsnorm, rope
+    from minilora.kernels import cross_entropy, decode_attention_fused, glu, rmsnorm, rope
 
     return dict(rms_norm=rmsnorm.rms_norm_triton, add_rms_norm=rmsnorm.add_rms_norm_triton, rope=rope.rope_triton,
                 swiglu=glu.swiglu_triton, geglu=glu.geglu_triton,
@@ -124,6 +126,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(D, Hkv * Dh, bias=config.qkv_bias)
         self.o_proj = nn.Linear(H * Dh, D, bias=config.o_bias)
         self.joined_qkv = None  # decoding: q/k/v as one 4-bit matmul (generate.join_projections)
+        self.joined_o = None  # decoding: o_proj with its absmax decoded (generate.join_projections)
         if config.qk_norm:  # Gemma 3: per-head RMSNorm of q and k before RoPE
             self.q_norm = RMSNorm(Dh, config.rms_norm_eps, config.norm_unit_offset)
             self.k_norm = RMSNorm(Dh, config.rms_norm_eps, config.norm_unit_offset)
@@ -135,7 +138,8 @@ class Attention(nn.Module):
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if cache is not None and T == 1 and cache.decodes_in_kernels(x):
-            return self.o_proj(self._decode_one_token(q, k, v, cos, sin, cache).reshape(B, 1, -1))
+            out = self._decode_one_token(q, k, v, cos, sin, cache)
+            return _project(self.o_proj, self.joined_o, out.reshape(B, 1, -1))
         q = q.view(B, T, self.n_heads, self.head_dim)
         k = k.view(B, T, self.n_kv_heads, self.head_dim)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Dh)
@@ -153,7 +157,7 @@ class Attention(nn.Module):
                                                  scale=self.scale, enable_gqa=self.n_heads != self.n_kv_heads)
         else:
             out = self._softcapped_attention(q, k, v, mask)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        return _project(self.o_proj, self.joined_o, out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
     def _decode_one_token(self, q, k, v, cos, sin, cache):
         """Attention of one new token per row (q, k, v: (B, 1, width)) over the cache in one Triton launch
@@ -190,23 +194,27 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(Fd, D, bias=bias)
         self.activation = config.activation
         self.joined_gate_up = None  # decoding: gate/up as one 4-bit matmul (generate.join_projections)
+        self.joined_down = None  # decoding: down_proj with its absmax decoded (generate.join_projections)
 
     def forward(self, x):
         joined = self.joined_gate_up is not None and self.joined_gate_up.applies_to(self.gate_proj, self.up_proj)
         if joined and self.activation != "gelu" and use_triton(x) and self.joined_gate_up.fuses_glu(x):
-            return self.down_proj(self.joined_gate_up.glu(x, self.activation))  # gate/up GEMV + GLU in one launch
+            return self._down(self.joined_gate_up.glu(x, self.activation))  # gate/up GEMV + GLU in one launch
         if joined:
             gate, up = (part.contiguous() for part in self.joined_gate_up(x))  # views of one result: copies if > 1 row
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
         if self.activation != "gelu" and use_triton(x):
             glu = triton_ops()["swiglu" if self.activation == "silu" else "geglu"]
-            return self.down_proj(glu(gate, up))
+            return self._down(glu(gate, up))
         if self.activation == "silu":
             gate = F.silu(gate)  # SwiGLU
         else:  # GeGLU; Gemma uses the tanh approximation
             gate = F.gelu(gate, approximate="tanh" if self.activation == "gelu_tanh" else "none")
-        return self.down_proj(gate * up)
+        return self._down(gate * up)
+
+    def _down(self, x):
+        return _project(self.down_proj, self.joined_down, x)
 
 
 class Block(nn.Module):
@@ -239,7 +247,7 @@ class Block(nn.Module):
         """forward(x + delta) as (x', d) with forward(x + delta) = x' + d: the block's last residual add is left to
         the caller's next norm (RMSNorm.add_and_norm), as is this block's first (`delta`, None for the first
         block). Without autograd only (Llama/Qwen2/Gemma/Phi-3 norms): one kernel per block fewer in a decode
-        step, and no torch kernel breaking the chain of kernels that start early (kernels/pdl.py). Reached
+        step, and no torch kernel breaking the chain of kernels that start early (minilora/kernels/pdl.py). Reached
         through forward (defer_add=True), so module hooks (FSDP2's all-gather) run as for any call."""
         if delta is None:
             h = self.input_layernorm(x)
@@ -252,7 +260,7 @@ class Block(nn.Module):
         """The forward again, for a gradient checkpoint; only what it saves for the backward that follows counts.
         down_proj's output feeds nothing but the discarded block output (in Gemma 2/3 a norm saves it, hence not
         there), so a LoRA down_proj skips its base GEMM, a fifth of the block's forward FLOPs at Llama shapes; and
-        the LoRA layers keep the merged weight they make for the backward (kernels/lora.py `keep_weight`)."""
+        the LoRA layers keep the merged weight they make for the backward (minilora/kernels/lora.py `keep_weight`)."""
         lora = [m for m in self.modules() if hasattr(m, "keep_weight")]
         for m in lora:
             m.keep_weight = True
@@ -412,7 +420,7 @@ class KVCache:
         self.max_length, self.length = max_length, 0
 
     def decodes_in_kernels(self, x):
-        """True when a one-token forward on x attends through kernels/decode_attention_fused.py (generate.py's
+        """True when a one-token forward on x attends through minilora/kernels/decode_attention_fused.py (generate.py's
         StaticKVCache on CUDA); this cache's Python write position cannot be read by a kernel."""
         return False
 

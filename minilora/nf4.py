@@ -217,15 +217,10 @@ def dequantize_nf4(state: NF4State, dtype: torch.dtype | None = None) -> torch.T
 
 
 def _kernels_backend():
-    """minilora's kernels/backend.py, imported on first use (it imports this file)."""
-    import kernels
+    """minilora/kernels/backend.py, imported on first use (it imports this file)."""
+    from minilora.kernels import backend
 
-    if not getattr(kernels, "MINILORA_KERNELS", False):  # PyPI's unrelated `kernels` package shadows ours
-        raise ImportError(f"'kernels' resolved to {getattr(kernels, '__file__', kernels)!r}, not minilora's "
-                          "kernels package; run from the minilora checkout or `pip uninstall kernels`")
-    import kernels.backend
-
-    return kernels.backend
+    return backend
 
 
 class Linear4bit(nn.Module):
@@ -301,9 +296,11 @@ class JoinedLinear4bit:
 
     For decoding, where each matmul launch has a fixed cost (benchmarks/RESULTS.md: ~4.7 µs per GEMV on an H100)
     that q/k/v and gate/up would otherwise pay three and two times. The layers' packed bytes move into one buffer
-    that each layer then views (no second copy of the weights); the absmax is kept decoded to fp32
-    (`dequantize_absmax`: the values the layers dequantize with), as double quantization's per-tensor offset does
-    not concatenate. Not an nn.Module on purpose: nothing here is saved, trained or moved with the model, and
+    that each layer then views (no second copy of the weights; one layer keeps its own); the absmax is kept
+    decoded to fp32 (`dequantize_absmax`: the values the layers dequantize with), as double quantization's
+    per-tensor offset does not concatenate. That is also why a single layer is worth "joining": the GEMV reads an
+    fp32 absmax with fewer instructions than a double-quantized one (o_proj and down_proj: a Llama-3.2-3B decode
+    step 1.1% faster for 1.6 MB more a block, benchmarks/RESULTS.md). Not an nn.Module on purpose: nothing here is saved, trained or moved with the model, and
     `applies_to` turns False once a layer is replaced (a LoRA wrapper), moved or re-stored, and under autograd.
     A joined (gate_proj, up_proj) also runs with the GLU as one launch (`glu`) where `fuses_glu` says so.
     """
@@ -314,12 +311,14 @@ class JoinedLinear4bit:
             same = (type(layer) is Linear4bit and layer.in_features == first.in_features
                     and layer.weight_dtype == first.weight_dtype and layer.backend == first.backend
                     and layer.blocksize == first.blocksize and layer.quant_dtype == first.quant_dtype)
-            if not same or layer.weight_packed.dtype != torch.uint8 or layer.in_features % layer.blocksize:
+            whole_blocks = len(layers) == 1 or layer.in_features % layer.blocksize == 0  # concatenating absmax
+            if not same or layer.weight_packed.dtype != torch.uint8 or not whole_blocks:
                 raise ValueError(f"JoinedLinear4bit: {layer} cannot join {first} (needs Linear4bit layers of one input "
                                  "width, dtype and backend, uint8 packed bytes, rows a whole number of blocks)")
             if not torch.equal(layer.weight_code, first.weight_code):
                 raise ValueError("JoinedLinear4bit: the layers use different 4-bit codes")
-        packed = torch.cat([layer.weight_packed.reshape(-1) for layer in layers])
+        packed = (first.weight_packed.reshape(-1) if len(layers) == 1 else
+                  torch.cat([layer.weight_packed.reshape(-1) for layer in layers]))
         start = 0
         for layer in layers:
             count = layer.weight_packed.numel()
@@ -352,7 +351,7 @@ class JoinedLinear4bit:
 
     def fuses_glu(self, x: torch.Tensor) -> bool:
         """True when `glu(x)` runs as one launch: two layers of equal width (gate, up) without bias, x one row,
-        and the Triton backend (kernels/nf4_matmul.py's GEMV; other rows or backends keep the unfused path)."""
+        and the Triton backend (minilora/kernels/nf4_matmul.py's GEMV; other rows or backends keep the unfused path)."""
         backend = _kernels_backend()
         return (len(self.widths) == 2 and self.widths[0] == self.widths[1] and self.bias is None
                 and x.shape[:-1].numel() == 1 and backend.resolve_backend(self.backend, x.device) == "triton")
@@ -360,7 +359,7 @@ class JoinedLinear4bit:
     def glu(self, x: torch.Tensor, activation: str) -> torch.Tensor:
         """act(gate(x)) * up(x) for the joined (gate_proj, up_proj) of an MLP, activation "silu" (SwiGLU) or
         "gelu_tanh" (GeGLU): at one row, the 4-bit GEMV whose epilogue applies the GLU (`matmul_nf4_glu`)."""
-        from kernels.nf4_matmul import matmul_nf4_glu
+        from minilora.kernels.nf4_matmul import matmul_nf4_glu
 
         return matmul_nf4_glu(x.to(self.dtype).contiguous(), self.state, activation)
 

@@ -399,10 +399,10 @@ def _check_resume(config, state, manifest_base, base_hashes, data_fingerprint):
 def train(config: TrainConfig):
     """Run one training job as `config` says; returns a summary dict. See the module docstring.
 
-    --backend other than auto is the kernel setting for the whole run (kernels/backend.py): "torch" is the
+    --backend other than auto is the kernel setting for the whole run (minilora/kernels/backend.py): "torch" is the
     plain PyTorch reference path everywhere (4-bit matmul, norms, RoPE, GLU, cross-entropy, LoRA), restored after.
     """
-    from kernels.backend import get_backend, set_backend
+    from minilora.kernels.backend import get_backend, set_backend
 
     previous = get_backend()
     if config.backend != "auto":

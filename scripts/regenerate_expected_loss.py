@@ -57,7 +57,7 @@ def recipe_config(base, data, out, quantize="none", **overrides):
 
 
 def nf4_available():
-    return importlib.util.find_spec("kernels.backend") is not None
+    return importlib.util.find_spec("minilora.kernels.backend") is not None
 
 
 def run_recipe(quantize, directory):

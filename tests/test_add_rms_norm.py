@@ -1,4 +1,4 @@
-"""The fused residual add + RMSNorm of decoding (kernels/rmsnorm.py `add_rms_norm_triton`) vs the unfused code.
+"""The fused residual add + RMSNorm of decoding (minilora/kernels/rmsnorm.py `add_rms_norm_triton`) vs the unfused code.
 
 The fused op replaces `x = x + delta; h = rms_norm_triton(x, ...)`, so each check draws fresh random
 inputs and asks for
@@ -14,7 +14,7 @@ differently from torch's there: the CPU bf16 test uses sums that bf16 holds exac
 import pytest
 import torch
 
-from kernels.rmsnorm import add_rms_norm_torch, add_rms_norm_triton, rms_norm_torch, rms_norm_triton
+from minilora.kernels.rmsnorm import add_rms_norm_torch, add_rms_norm_triton, rms_norm_torch, rms_norm_triton
 
 EPS = 1e-6
 _SAME_SIZE_INT = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}

@@ -1,4 +1,4 @@
-"""Decode-step kernels (kernels/decode_attention.py) against float64 evaluations of their torch references.
+"""Decode-step kernels (minilora/kernels/decode_attention.py) against float64 evaluations of their torch references.
 
 CPU: Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1), fp32, bf16 and fp16, caches of 40-300
 slots: ragged rows (left padding), unfilled slots, GQA groups 1, 3, 4, 20, head dims 64, 96, 128, 256, soft-capping,
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
-from kernels.decode_attention import (decode_attention, decode_attention_reference, plan_splits,  # noqa: E402
+from minilora.kernels.decode_attention import (decode_attention, decode_attention_reference, plan_splits,  # noqa: E402
                                       rope_cache_write, rope_cache_write_reference)
 from minilora import model  # noqa: E402
 from minilora.generate import StaticKVCache  # noqa: E402

@@ -1,4 +1,4 @@
-"""The one-launch decode attention (kernels/decode_attention_fused.py) against its reference,
+"""The one-launch decode attention (minilora/kernels/decode_attention_fused.py) against its reference,
 rope_cache_write_reference then decode_attention_reference, evaluated on float64 copies of the inputs.
 
 The cases, helpers and error bounds are tests/test_decode_attention.py's (GQA groups 1, 3, 4, 20, head dims 64, 96,
@@ -17,10 +17,10 @@ import torch
 
 pytest.importorskip("triton")
 
-from kernels import decode_attention_fused as fused  # noqa: E402
-from kernels.decode_attention import (decode_attention_reference, plan_splits,  # noqa: E402
+from minilora.kernels import decode_attention_fused as fused  # noqa: E402
+from minilora.kernels.decode_attention import (decode_attention_reference, plan_splits,  # noqa: E402
                                       rope_cache_write_reference)
-from kernels.decode_attention_fused import decode_attention_fused  # noqa: E402
+from minilora.kernels.decode_attention_fused import decode_attention_fused  # noqa: E402
 from test_decode_attention import (CASES, GPU_CASES, _assert_attention_close, _assert_rope_close,  # noqa: E402
                                    _decode_inputs, model_decode_step)
 

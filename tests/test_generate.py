@@ -141,7 +141,7 @@ def test_padding_prompts_to_a_bucket_leaves_the_prefill_logits(some_pair):
 
 @pytest.mark.parametrize("family", ["llama", "gemma2", "gemma3_text"])  # plain; window, softcap; q/k norms, local RoPE
 def test_decoding_through_the_attention_kernels_keeps_greedy_tokens(family, tmp_path_factory, monkeypatch):
-    """On CUDA a one-token step attends through kernels/decode_attention_fused.py (one launch per block); here the
+    """On CUDA a one-token step attends through decode_attention_fused.py (one launch per block); here the
     same kernel runs in Triton's CPU interpreter (fp32) and must give the tokens of the torch path (RoPE, cache
     write, SDPA)."""
     from minilora.generate import StaticKVCache
@@ -281,6 +281,7 @@ def test_decoder_joins_nf4_projections_and_greedy_output_is_unchanged(tmp_path):
     assert all(block.self_attn.joined_qkv is None for block in model.model.layers)
     out = generate(model, [prompt], NEW, stop_ids=[], pad_id=tok.pad_id)
     assert all(block.self_attn.joined_qkv is not None and block.mlp.joined_gate_up is not None
+               and block.self_attn.joined_o is not None and block.mlp.joined_down is not None
                for block in model.model.layers)
     assert out == [ids[len(prompt):]]
 
@@ -302,4 +303,5 @@ def test_lora_applied_after_joining_takes_the_layers_own_path(tmp_path):
         assert not attn.joined_qkv.applies_to(attn.q_proj, attn.k_proj, attn.v_proj)
     assert generate(model, prompts, NEW, stop_ids=[], pad_id=tok.pad_id) == base
     assert all(block.self_attn.joined_qkv is None and block.mlp.joined_gate_up is None
+               and block.self_attn.joined_o is None and block.mlp.joined_down is None
                for block in model.model.layers)

@@ -26,7 +26,7 @@ from tiny import make_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-HAS_NF4_FORWARD = importlib.util.find_spec("kernels.backend") is not None
+HAS_NF4_FORWARD = importlib.util.find_spec("minilora.kernels.backend") is not None
 
 
 
@@ -288,7 +288,7 @@ def test_bad_settings_and_non_finite_save_refused(ckpts, tmp_path):
     assert not os.path.exists(tmp_path / "nan" / ADAPTER_WEIGHTS)
 
 
-@pytest.mark.skipif(not HAS_NF4_FORWARD, reason="kernels/backend.py (the Linear4bit forward) has not landed yet")
+@pytest.mark.skipif(not HAS_NF4_FORWARD, reason="minilora.kernels.backend (the Linear4bit forward) is missing")
 def test_nf4_base_lora_invariants_and_adapter_round_trip(ckpts, tmp_path):
     model, _ = load_model(ckpts["llama"], quantize="nf4", backend="torch")
     ids = _ids()

@@ -1,8 +1,8 @@
-"""kernels/lora_backward.py: the two-launch LoRA weight gradients against float64, CPU interpreter and GPU."""
+"""minilora/kernels/lora_backward.py: the two-launch LoRA weight gradients against float64, CPU interpreter and GPU."""
 import pytest
 import torch
 
-from kernels.lora_backward import lora_grads, lora_grads_reference
+from minilora.kernels.lora_backward import lora_grads, lora_grads_reference
 
 EPS = {torch.float32: torch.finfo(torch.float32).eps, torch.float16: torch.finfo(torch.float16).eps,
        torch.bfloat16: torch.finfo(torch.bfloat16).eps}

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from kernels.lora import lora_linear, lora_linear_torch
+from minilora.kernels.lora import lora_linear, lora_linear_torch
 from minilora.nf4 import Linear4bit
 
 
@@ -40,8 +40,8 @@ def test_fused_lora_matches_reference_fp32(kind, dropout):
 def test_merged_weight_path_matches_reference_fp32(monkeypatch, bias):
     """No dropout, an NF4 base on the Triton backend and >= MERGE_MIN_ROWS rows: the node multiplies by W + s B A
     (kernels/nf4_dequant.py, CPU interpreter) in the forward and the input gradient; same numbers as the reference."""
-    import kernels.lora as fused
-    import kernels.nf4_dequant as dequant
+    import minilora.kernels.lora as fused
+    import minilora.kernels.nf4_dequant as dequant
 
     calls = []
     real = dequant.dequantize_nf4_lora
@@ -94,7 +94,7 @@ def test_fused_lora_under_bf16_autocast(kind, device):
 def test_checkpoint_recompute_skips_the_discarded_down_proj_gemm(monkeypatch, tmp_path):
     """Under gradient checkpointing a block's recomputation calls the fused down_proj with output=False (its
     output is discarded) and every gradient equals the un-checkpointed step's, dropout included."""
-    import kernels.lora as fused
+    import minilora.kernels.lora as fused
     import minilora.lora as lora
     from minilora.loading import load_model
     from tiny import make_checkpoint
@@ -135,8 +135,8 @@ def test_checkpoint_recompute_hands_its_merged_weight_to_the_backward(monkeypatc
     gradient checkpointing the recomputation's W + s B A serves the backward's dx, so each merged layer dequantizes
     twice a step, as without checkpointing, not three times; the gradients equal the un-checkpointed step's. A kept
     weight made stale by an optimizer step is not used."""
-    import kernels.lora as fused
-    import kernels.nf4_dequant as dequant
+    import minilora.kernels.lora as fused
+    import minilora.kernels.nf4_dequant as dequant
     import minilora.lora as lora
     from minilora.loading import load_model
     from tiny import make_checkpoint

@@ -95,7 +95,7 @@ def test_left_padded_batch_matches_single_rows(pair):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_triton_training_path_matches_torch_path(family, tmp_path, device):
     """On CUDA the model's Triton RMSNorm/RoPE/GLU/fused-CE path gives the torch path's loss and gradients."""
-    from kernels.backend import set_backend
+    from minilora.kernels.backend import set_backend
 
     make_checkpoint(family, tmp_path, seed=FAMILIES.index(family))
     model, _ = load_model(str(tmp_path), dtype=torch.float32, device=device)

@@ -4,6 +4,7 @@ error within bitsandbytes' own envelope, Linear4bit and the HF/bitsandbytes chec
 On CPU these compare with bitsandbytes' CPU code; the `gpu` copies compare with its CUDA kernels.
 """
 import json
+import os
 
 import pytest
 import torch
@@ -97,7 +98,7 @@ def _assert_equal_except_near_ties(ours, theirs, scaled, midpoints, what):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES + [(3072, 8192)])
 def test_quantize_matches_bitsandbytes_cuda(device, shape, dtype, compress_statistics):
-    from kernels.backend import _bnb_quant_state
+    from minilora.kernels.backend import _bnb_quant_state
 
     w = _weight(shape, dtype, device)
     q, s = bnbf.quantize_4bit(w, quant_type="nf4", compress_statistics=compress_statistics, blocksize=64)
@@ -252,13 +253,19 @@ def test_from_hf_state_errors_name_the_key():
         nf4.from_hf_state(fp4, "q_proj", torch.float32)
 
 
-def test_shadowing_kernels_package_is_a_clear_error(monkeypatch):
-    import types
+def test_a_top_level_kernels_package_is_not_ours():
+    """Hugging Face's `kernels` (imported by transformers >= 5.25) owns that import name: ours must not take it."""
+    import importlib.util
 
-    lin = nf4.Linear4bit.from_weight(torch.randn(8, 64), None, backend="torch")
-    monkeypatch.setitem(__import__("sys").modules, "kernels", types.ModuleType("kernels"))  # PyPI's `kernels`
-    with pytest.raises(ImportError, match="not minilora's kernels package"):
-        lin(torch.randn(2, 64))
+    import minilora.kernels
+
+    spec = importlib.util.find_spec("kernels")
+    assert spec is None or spec.origin != minilora.kernels.__file__
+    import setuptools
+
+    packages = setuptools.find_packages(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                        include=["minilora", "minilora.*", "kernels", "kernels.*"])
+    assert "minilora.kernels" in packages and "kernels" not in packages, packages
 
 
 # ---- JoinedLinear4bit: several Linear4bit of one input as one matmul (decoding) ----
@@ -288,6 +295,27 @@ def test_joined_layers_compute_each_layer_and_share_its_bytes(backend, rows):
         assert ((part.double() - ref).abs() <= bound).all()
         with torch.no_grad():
             torch.testing.assert_close(part, layer(x), rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_one_layer_joined_keeps_its_bytes_and_reads_the_decoded_absmax(backend):
+    """o_proj / down_proj alone (generate.join_projections): no copy of the packed bytes, the double-quantized
+    absmax decoded to the fp32 values the layer dequantizes with, the layer's own output."""
+    torch.manual_seed(1)
+    layer = nf4.Linear4bit.from_weight(torch.randn(48, 256), torch.randn(48), compress_statistics=True,
+                                       backend=backend, dtype=torch.float16)
+    packed_at = layer.weight_packed.data_ptr()
+    joined = nf4.JoinedLinear4bit([layer])
+    assert joined.state.packed.data_ptr() == packed_at == layer.weight_packed.data_ptr()
+    assert not joined.state.nested and torch.equal(joined.state.absmax, nf4.dequantize_absmax(layer.state))
+    x = torch.randn(1, 256).half()
+    with torch.no_grad():
+        assert joined.applies_to(layer)
+        (out,) = joined(x)
+        if backend == "torch":  # the same dequantized weight, the same matmul
+            assert torch.equal(out, layer(x))
+        else:  # the GEMV with an in-kernel nested absmax may fuse its multiply-add: one fp16 rounding apart
+            torch.testing.assert_close(out, layer(x), rtol=2e-3, atol=2e-3)
 
 
 def test_joined_layers_apply_only_while_they_hold():

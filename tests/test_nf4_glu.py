@@ -1,4 +1,4 @@
-"""The 4-bit gate/up GEMV with the GLU in its epilogue (kernels/nf4_matmul.py `matmul_nf4_glu`) against the two
+"""The 4-bit gate/up GEMV with the GLU in its epilogue (minilora/kernels/nf4_matmul.py `matmul_nf4_glu`) against the two
 launches it replaces in a decode step: the joined gate/up GEMV (`_gemv`, gate and up stored in x's dtype), then
 kernels/glu.py's `_glu_forward_kernel`. The claim is bit-identity (same fp32 sums, same roundings): torch.equal.
 
@@ -9,9 +9,9 @@ GPU (`-m gpu`): the autotuned kernels compiled, bf16 included (the 3.9 interpret
 import pytest
 import torch
 
-from kernels import backend, nf4_matmul
-from kernels.glu import geglu_triton, swiglu_triton
-from kernels.nf4_matmul import matmul_nf4, matmul_nf4_glu
+from minilora.kernels import backend, nf4_matmul
+from minilora.kernels.glu import geglu_triton, swiglu_triton
+from minilora.kernels.nf4_matmul import matmul_nf4, matmul_nf4_glu
 from minilora import load_model, model as model_module, nf4
 from minilora.generate import Decoder, generate, left_pad
 from tiny import make_checkpoint
@@ -114,7 +114,7 @@ def test_other_inputs_take_matmul_then_glu_kernel(m, k):
 def test_launcher_validates_inputs():
     state = _state(16, 128)
     with pytest.raises(ValueError, match=r"activation 'gelu'; expected one of \('silu', 'gelu_tanh'\)"):
-        matmul_nf4_glu(torch.randn(1, 128), state, "gelu")  # exact erf GELU: not what kernels/glu.py computes
+        matmul_nf4_glu(torch.randn(1, 128), state, "gelu")  # exact erf GELU: not what minilora/kernels/glu.py computes
     with pytest.raises(ValueError, match=r"weight shape \[15, 128\]; expected an even number of rows"):
         matmul_nf4_glu(torch.randn(1, 128), _state(15, 128), "silu")
     with pytest.raises(ValueError, match=r"expected \(\.\.\., 128\)"):

@@ -1,4 +1,4 @@
-"""Triton NF4 kernels (kernels/nf4_dequant.py, kernels/nf4_matmul.py) against their torch references.
+"""Triton NF4 kernels (minilora/kernels/nf4_dequant.py, minilora/kernels/nf4_matmul.py) against their torch references.
 
 CPU: Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1), tiny odd shapes, fp32 and fp16.
 GPU (`-m gpu`): the same checks compiled, bf16 included, at model-sized shapes.
@@ -6,9 +6,9 @@ GPU (`-m gpu`): the same checks compiled, bf16 included, at model-sized shapes.
 import pytest
 import torch
 
-from kernels import backend
-from kernels.nf4_dequant import dequantize_nf4, dequantize_nf4_lora, dequantize_nf4_lora_reference
-from kernels.nf4_matmul import FEW_ROWS, SMALL_M, matmul_nf4, matmul_nf4_t
+from minilora.kernels import backend
+from minilora.kernels.nf4_dequant import dequantize_nf4, dequantize_nf4_lora, dequantize_nf4_lora_reference
+from minilora.kernels.nf4_matmul import FEW_ROWS, SMALL_M, matmul_nf4, matmul_nf4_t
 from minilora import nf4
 
 CPU_DTYPES = [torch.float32, torch.float16]
@@ -121,7 +121,7 @@ def test_matmul_matches_reference(n, k, m, dtype, nested):
 @pytest.mark.parametrize("m", [1, 5])  # GEMV, few-rows kernel (both split K in the interpreter's config)
 def test_split_k_leaves_counters_at_zero_and_repeats_exactly(m):
     """The last program of a split resets its arrival counter, so a second call (a CUDA-graph replay) is identical."""
-    from kernels import nf4_matmul
+    from minilora.kernels import nf4_matmul
 
     state = _state(40, 192)
     x = torch.randn(m, 192).half()
@@ -134,7 +134,7 @@ def test_split_k_leaves_counters_at_zero_and_repeats_exactly(m):
 
 @pytest.mark.parametrize("plan", [(1, 1), (3, 1), (2, 2), (8, 2)])  # (SPLIT_K, AHEAD); 8 splits leave some empty
 def test_gemv_plans_match_reference(plan):
-    from kernels import nf4_matmul
+    from minilora.kernels import nf4_matmul
 
     state = _state(40, 640, nested=True)
     x = torch.randn(1, 640).to(torch.bfloat16)
@@ -142,12 +142,14 @@ def test_gemv_plans_match_reference(plan):
     _assert_matmul_close(out, x, nf4.dequantize_nf4(state, torch.bfloat16), f"GEMV, plan {plan}")
 
 
-@pytest.mark.parametrize("nested", [True, False])
-@pytest.mark.parametrize("plan", [(1, 1), (2, 2), (3, 1)])
+@pytest.mark.parametrize("nested, plan", [(False, (1, 1)), (False, (2, 2)), (False, (3, 1)), (True, (2, 2)),
+                                          (True, (3, 2))])
 def test_gemv_x_a_step_ahead_changes_no_bit(plan, nested, monkeypatch):
-    """16-bit x loaded a step ahead (X_AHEAD) or in the step: the same values in the same sums."""
-    from kernels import nf4_matmul
+    """16-bit x loaded a step ahead (X_AHEAD) or in the step: the same values in the same sums. (Not with a
+    double-quantized absmax at AHEAD 1, where `_x_ahead` leaves it off.)"""
+    from minilora.kernels import nf4_matmul
 
+    assert nf4_matmul._x_ahead(2, nested, plan[1])
     state = _state(40, 640, nested=nested)
     x = torch.randn(1, 640).to(torch.float16)
     outs = []
@@ -159,7 +161,7 @@ def test_gemv_x_a_step_ahead_changes_no_bit(plan, nested, monkeypatch):
 
 
 def test_gemv_plan_fits_one_wave_when_a_split_can():
-    from kernels.nf4_matmul import GEMV_PROGRAMS_PER_SM, GEMV_TILE, MAX_SPLIT_K, gemv_plan
+    from minilora.kernels.nf4_matmul import GEMV_PROGRAMS_PER_SM, GEMV_TILE, MAX_SPLIT_K, gemv_plan
 
     def used_splits(k_groups, split):
         per_split = -(-(-(-k_groups // split)) // GEMV_TILE["GROUPS"]) * GEMV_TILE["GROUPS"]

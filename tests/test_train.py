@@ -298,7 +298,7 @@ def test_expected_loss_curve(tmp_path, quantize):
     expected = json.load(open(os.path.join(ROOT, "tests", "expected_loss.json")))
     key = "float" if quantize == "none" else "nf4"
     if quantize == "nf4" and not regen.nf4_available():
-        pytest.skip("kernels/backend.py (the Linear4bit forward) has not landed yet")
+        pytest.skip("minilora/kernels/backend.py (the Linear4bit forward) has not landed yet")
     if expected.get(key) is None:
         pytest.skip(f"no pinned {key} curve yet: run scripts/regenerate_expected_loss.py")
     losses = regen.run_recipe(quantize, str(tmp_path))

@@ -14,10 +14,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.cross_entropy import linear_cross_entropy_torch, linear_cross_entropy_triton
-from kernels.glu import geglu_torch, geglu_triton, swiglu_torch, swiglu_triton
-from kernels.rmsnorm import rms_norm_torch, rms_norm_triton
-from kernels.rope import rope_torch, rope_triton
+from minilora.kernels.cross_entropy import linear_cross_entropy_torch, linear_cross_entropy_triton
+from minilora.kernels.glu import geglu_torch, geglu_triton, swiglu_torch, swiglu_triton
+from minilora.kernels.rmsnorm import rms_norm_torch, rms_norm_triton
+from minilora.kernels.rope import rope_torch, rope_triton
 
 CPU_DTYPES = [torch.float32, torch.float16]
 GPU_DTYPES = [torch.float32, torch.float16, torch.bfloat16]

@@ -1,8 +1,8 @@
 """The one setting that picks who does the 4-bit work, and the autograd function built on it.
 
 Backends, all with the same three functions (dequantize, matmul = x @ W^T, matmul_t = g @ W):
-  "torch"  - the plain-torch reference (minilora/nf4.py, kernels/nf4_matmul.py *_reference)
-  "triton" - our kernels (kernels/nf4_dequant.py, kernels/nf4_matmul.py)
+  "torch"  - the plain-torch reference (minilora/nf4.py, minilora/kernels/nf4_matmul.py *_reference)
+  "triton" - our kernels (minilora/kernels/nf4_dequant.py, minilora/kernels/nf4_matmul.py)
   "bnb"    - bitsandbytes 0.50 (`dequantize_4bit`, `matmul_4bit`), for comparison
   "auto"   - the setting: `set_backend(name)` or env MINILORA_BACKEND, else "triton" on CUDA and
              "torch" on CPU (the Triton CPU interpreter is for tests, far too slow to train with).
@@ -59,7 +59,7 @@ def dequantize(state: NF4State, dtype: torch.dtype | None = None, backend: str =
     """The weight as a float tensor of `state.shape` in `dtype` (default: the original dtype)."""
     backend = resolve_backend(backend, state.packed.device)
     if backend == "triton":
-        from kernels.nf4_dequant import dequantize_nf4
+        from minilora.kernels.nf4_dequant import dequantize_nf4
 
         return dequantize_nf4(state, dtype)
     if backend == "bnb":
@@ -73,14 +73,14 @@ def matmul(x: torch.Tensor, state: NF4State, backend: str = "auto") -> torch.Ten
     """x (..., K) @ W^T -> (..., N) in x's dtype."""
     backend = resolve_backend(backend, x.device)
     if backend == "triton":
-        from kernels.nf4_matmul import matmul_nf4
+        from minilora.kernels.nf4_matmul import matmul_nf4
 
         return matmul_nf4(x.contiguous(), state)
     if backend == "bnb":
         import bitsandbytes as bnb
 
         return bnb.matmul_4bit(x, state.packed.t(), quant_state=_bnb_quant_state(state)).to(x.dtype)
-    from kernels.nf4_matmul import matmul_nf4_reference
+    from minilora.kernels.nf4_matmul import matmul_nf4_reference
 
     return matmul_nf4_reference(x, state)
 
@@ -89,7 +89,7 @@ def matmul_t(g: torch.Tensor, state: NF4State, backend: str = "auto") -> torch.T
     """g (..., N) @ W -> (..., K) in g's dtype: the input gradient of x @ W^T."""
     backend = resolve_backend(backend, g.device)
     if backend == "triton":
-        from kernels.nf4_matmul import matmul_nf4_t
+        from minilora.kernels.nf4_matmul import matmul_nf4_t
 
         return matmul_nf4_t(g.contiguous(), state)
     # bitsandbytes' own backward dequantizes too (MatMul4Bit.backward)

@@ -35,7 +35,7 @@ References: `rope_cache_write_reference`, `decode_attention_reference` (plain to
 compute the exact maths the tests measure against). Test: tests/test_decode_attention.py.
 Benchmark: benchmarks/decode_attention.py (beside the torch path it replaces; results in benchmarks/RESULTS.md).
 
-kernels/decode_attention_fused.py does the same in one launch (RoPE, cache write, attention and the split combine)
+decode_attention_fused.py does the same in one launch (RoPE, cache write, attention and the split combine)
 and is what model.py calls; it shares this file's references, checks and helpers. The two or three launches here
 stay as the benchmark's baseline: alone they are faster per call (H100: 7.4 vs 8.3 µs at batch 1, S = 256), but a
 graphed decode step ran 2% faster with the one launch (benchmarks/RESULTS.md).
@@ -46,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.pdl import let_dependents_start, pdl_enabled, wait_for_inputs
+from minilora.kernels.pdl import let_dependents_start, pdl_enabled, wait_for_inputs
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Measured with benchmarks/decode_attention.py on an H100 (Llama-3.2-3B heads, bf16; benchmarks/RESULTS.md): at
@@ -116,7 +116,7 @@ def _rope_cache_write_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, k_cache_ptr,
                              q_stride, k_stride, v_stride, cos_stride, sin_stride,
                              cache_stride_b, cache_stride_h, cache_stride_s, H, S,
                              HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, PDL: tl.constexpr):
-    let_dependents_start(PDL)  # kernels/pdl.py
+    let_dependents_start(PDL)  # minilora/kernels/pdl.py
     wait_for_inputs(PDL)
     b, head = tl.program_id(0), tl.program_id(1)
     cols = tl.arange(0, BLOCK_HALF)

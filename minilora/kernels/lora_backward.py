@@ -1,6 +1,6 @@
 """The LoRA weight gradients of y = x W^T + s (x A^T) B^T in two Triton launches, fp32 out.
 
-Formula (kernels/lora.py derives it), x (M, K), g = dL/dy (M, N), A (r, K), B (N, r), fp32 A and B:
+Formula (minilora/kernels/lora.py derives it), x (M, K), g = dL/dy (M, N), A (r, K), B (N, r), fp32 A and B:
 
     launch 1 (`_lora_grad_inputs_kernel`):   xa_s = s x A^T   (M, r),   dxa = s g B   (M, r)
     launch 2 (`_lora_grad_weights_kernel`):  dB = g^T xa_s    (N, r),   dA = dxa^T x  (r, K)
@@ -16,7 +16,7 @@ when they enter launch 2, as the torch path rounds them. Launch 1: one program p
 launch 2: one program per BLOCK tile of N (dB) or of K (dA) and quarter of the rows, the four partial sums
 added in a fixed order after it: no atomics, so the result does not depend on scheduling. r is padded to a
 power of two >= 16 with zeros.
-Reference: `lora_grads_reference` (float64). Test: tests/test_lora_backward.py. Used by kernels/lora.py.
+Reference: `lora_grads_reference` (float64). Test: tests/test_lora_backward.py. Used by minilora/kernels/lora.py.
 """
 from __future__ import annotations
 

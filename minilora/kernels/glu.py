@@ -19,7 +19,7 @@ Backward, with a = act(g) and dy = dL/dy:
 
 (d/dg of g * sigmoid(2 v) with sigmoid' = sigmoid (1 - sigmoid) and dv/dg = sqrt(2/pi)(1 + 3*0.044715 g^2).)
 
-The forward's arithmetic is the jitted `_gated`, which the 4-bit gate/up GEMV (kernels/nf4_matmul.py,
+The forward's arithmetic is the jitted `_gated`, which the 4-bit gate/up GEMV (minilora/kernels/nf4_matmul.py,
 `matmul_nf4_glu`) also applies in its epilogue, so both give the same bits.
 
 Memory layout: gate and up are contiguous tensors of one shape, e.g. (B, T, I), treated as flat arrays;
@@ -35,7 +35,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.pdl import let_dependents_start, pdl_enabled, wait_for_inputs
+from minilora.kernels.pdl import let_dependents_start, pdl_enabled, wait_for_inputs
 
 _BLOCK_SIZE = 1024  # 8 elements a thread at 4 warps: 94-98% of the copy rate on an H100 80GB (benchmark)
 
@@ -43,7 +43,7 @@ _BLOCK_SIZE = 1024  # 8 elements a thread at 4 warps: 94-98% of the copy rate on
 @triton.jit
 def _gated(g, u, GELU: tl.constexpr, dtype: tl.constexpr):
     """act(g) * u in `dtype`, from g and u given as fp32 values of `dtype`: the forward's arithmetic, shared with
-    the 4-bit gate/up GEMV whose epilogue applies the GLU (kernels/nf4_matmul.py), so both round alike."""
+    the 4-bit gate/up GEMV whose epilogue applies the GLU (minilora/kernels/nf4_matmul.py), so both round alike."""
     if GELU:
         v = 0.7978845608028654 * (g + 0.044715 * g * g * g)  # sqrt(2/pi) (g + 0.044715 g^3)
         a = g * tl.sigmoid(2.0 * v)
@@ -56,7 +56,7 @@ def _gated(g, u, GELU: tl.constexpr, dtype: tl.constexpr):
 @triton.jit
 def _glu_forward_kernel(gate_ptr, up_ptr, y_ptr, N, GELU: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                         PDL: tl.constexpr):
-    let_dependents_start(PDL)  # kernels/pdl.py: the 4-bit down projection may start its weight reads
+    let_dependents_start(PDL)  # minilora/kernels/pdl.py: the 4-bit down projection may start its weight reads
     wait_for_inputs(PDL)
     offsets = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     mask = offsets < N

@@ -1,7 +1,7 @@
 """A decode step's attention in one Triton launch: RoPE, KV-cache write, attention and the split combine.
 
 `decode_attention_fused(q, k, v, cos, sin, k_cache, v_cache, key_positions, key_segments, slot, scale, softcap,
-window, splits) -> out (B, H, Dh)` computes what kernels/decode_attention.py computes in two or three launches,
+window, splits) -> out (B, H, Dh)` computes what minilora/kernels/decode_attention.py computes in two or three launches,
     q_rot = rope_cache_write(q, k, v, cos, sin, k_cache, v_cache, slot)        (rope(k), v -> caches at slot)
     out = decode_attention(q_rot, k_cache, v_cache, key_positions, key_segments, slot, scale, softcap, window)
 with the same formulas, masking rule, roundings (rope(q) rounded to q's dtype, rope(k) to the cache dtype, P to the
@@ -23,7 +23,7 @@ Grid (B * Hkv, SPLITS), one program per kv head and key chunk, as `_decode_atten
     per-(b, kv head) counter; the last of the SPLITS to arrive merges the partials of its G heads (the combine
     kernel's formula, in a fixed order, so the result does not depend on which program was last) and writes
     the output. The counters are a persistent zeroed int32 workspace per (B * Hkv, device), left at zero by the
-    last program (kernels/nf4_matmul.py's `_arrives_last`), so a graph replays it; one stream at a time may use
+    last program (minilora/kernels/nf4_matmul.py's `_arrives_last`), so a graph replays it; one stream at a time may use
     it, as nf4_matmul's workspace.
 Rounding differs from the two-launch path in one place: the own key's weight (exp(0) = 1 when it starts the
 softmax) is not rounded to the cache dtype before it multiplies v, one rounding fewer.
@@ -36,10 +36,10 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.decode_attention import (INTERPRET, _attend_keys, _check_masking, _check_rope_inputs, _check_tensors,
+from .decode_attention import (INTERPRET, _attend_keys, _check_masking, _check_rope_inputs, _check_tensors,
                                       _row_stride, _tanh, keys_per_block, plan_splits)
-from kernels.nf4_matmul import _arrives_last
-from kernels.pdl import let_dependents_start, pdl_enabled, wait_for_inputs
+from minilora.kernels.nf4_matmul import _arrives_last
+from minilora.kernels.pdl import let_dependents_start, pdl_enabled, wait_for_inputs
 
 
 @triton.jit
@@ -84,7 +84,7 @@ def _decode_attention_fused_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, k_cach
                                    BLOCK_SPLITS: tl.constexpr, PDL: tl.constexpr):
     # G is not a constexpr: with one, _merge_splits' loop over the G heads was unrolled and every head's partials
     # loaded at once (sm_90, Triton 3.6: 193 registers instead of 154 at Dh = 128)
-    let_dependents_start(PDL)  # kernels/pdl.py
+    let_dependents_start(PDL)  # minilora/kernels/pdl.py
     wait_for_inputs(PDL)  # q, k, v, cos, sin, the slot, positions and segments all come from earlier kernels
     pid, split = tl.program_id(0), tl.program_id(1)
     b, kv_head = pid // Hkv, pid % Hkv

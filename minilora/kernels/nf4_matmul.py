@@ -9,7 +9,7 @@ Three paths, picked by the number of rows M of x (decoding has M = batch size):
     (With a double-quantized absmax these kernels, compiled with fp fusion on, turn the absmax's multiply and add
     into one FMA: one fp32 rounding fewer than `dequantize_nf4`, so a weight can differ from it by one ulp of x's
     dtype where that rounding tips it; the dequant kernels compile without fusion and are exact.)
-  - otherwise: dequantize W into a buffer reused across calls (`kernels/nf4_dequant.py`), then cuBLAS. The buffer
+  - otherwise: dequantize W into a buffer reused across calls (`nf4_dequant.py`), then cuBLAS. The buffer
     is per (shape, dtype, device) and only read by the matmul that follows on the same stream, so reuse is safe;
     it is never returned or saved for backward. g @ W (backward, large M in training) always takes this path.
 Both decoding kernels read W as int32 words: word w of a row holds columns 8w..8w+7, byte b of it columns 8w+2b
@@ -19,7 +19,9 @@ Decoding a nibble is the cost (benchmarks/RESULTS.md: table loads and byte loads
 instructions per weight); here it is one shift and one warp shuffle: lane l holds code[l % 16] and
 `shfl.sync.idx` returns the value of the lane the nibble names (shfl reads 5 bits of the lane number, so the
 bits above the nibble need no mask: lanes 16-31 repeat the table). Triton's CPU interpreter has no inline
-PTX, so there (SHUFFLE=False) the kernels look the code up in memory instead: same values.
+PTX, so there (SHUFFLE=False) the kernels look the code up in memory instead: same values. The GEMV loads the next
+step's 16-bit x with its words where registers allow (`X_AHEAD`, `_x_ahead`): x's load latency was half of its
+wait on memory (ncu); the same values go into the same sums either way.
 K is split over SPLIT_K programs per row block (a decode matmul has too few row blocks to keep every SM's
 memory pipe full): each writes an fp32 partial sum to a reused workspace, and the last to arrive (an atomic
 counter per row block) adds the partials in split order and writes the output, in the same launch, so the
@@ -27,7 +29,7 @@ result does not depend on which program finishes last. Workspace reuse assumes o
 Needs K % 64 == 0 (every Llama/Qwen/Gemma/Phi width is) and a 16-byte aligned `packed`, else dequant + cuBLAS.
 Gate/up + GLU (`matmul_nf4_glu`, a decode step's MLP): for a joined weight W (2F, K), gate rows 0..F-1 over up rows
 F..2F-1, the GEMV in GLU mode gives each thread gate rows f and their up rows F + f, so after the (split-K) sum one
-program holds both of feature f and its epilogue stores y[f] = act(gate) * up (kernels/glu.py's `_gated`), F values
+program holds both of feature f and its epilogue stores y[f] = act(gate) * up (glu.py's `_gated`), F values
 instead of 2F and no GLU launch: rounded as the GEMV's stores and `_glu_forward_kernel` round, bit for bit.
 Tests: tests/test_nf4_kernels.py, tests/test_nf4_glu.py. Benchmarks: benchmarks/gemv.py (as a decode step streams
 them; `--glu` for the gate/up + GLU pair), benchmarks/kernels.py.
@@ -42,9 +44,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.glu import _gated, geglu_triton, swiglu_triton
-from kernels.nf4_dequant import _absmax, check_state, dequantize_nf4, nested_args
-from kernels.pdl import let_dependents_start, pdl_enabled, wait_for_inputs
+from minilora.kernels.glu import _gated, geglu_triton, swiglu_triton
+from minilora.kernels.nf4_dequant import _absmax, check_state, dequantize_nf4, nested_args
+from minilora.kernels.pdl import let_dependents_start, pdl_enabled, wait_for_inputs
 from minilora.nf4 import NF4State
 from minilora.nf4 import dequantize_nf4 as dequantize_nf4_reference
 
@@ -72,8 +74,8 @@ else:
                                                (128, 2, 4, 4, 3), (16, 4, 4, 4, 3), (64, 2, 8, 4, 3)]]
 MAX_SPLIT_K, MIN_BLOCK_N = 8, 8
 INTERPRET_PLAN = (2, 2)  # the GEMV's (SPLIT_K, AHEAD) under the interpreter
-X_AHEAD = os.environ.get("MINILORA_X_AHEAD", "1") == "1"  # WIP: 16-bit x loaded a step ahead (A/B switch)
-GLU_ACTIVATIONS = ("silu", "gelu_tanh")  # SwiGLU, GeGLU (tanh approximation) as kernels/glu.py computes them
+X_AHEAD = True  # 16-bit x loaded a step ahead where registers allow (`_x_ahead`); tests turn it off to compare
+GLU_ACTIVATIONS = ("silu", "gelu_tanh")  # SwiGLU, GeGLU (tanh approximation) as minilora/kernels/glu.py computes them
 
 
 def matmul_nf4_reference(x: torch.Tensor, state: NF4State) -> torch.Tensor:
@@ -213,7 +215,7 @@ def _gemv_rows(block, N, BLOCK_N: tl.constexpr, ROWS: tl.constexpr, GLU: tl.cons
 def _store_rows(out_ptr, n, n_mask, total, GLU: tl.constexpr, GELU: tl.constexpr):
     """Store the fp32 sums `total` (CHUNK, ROWS) of rows n to out_ptr (the output row) in its dtype, or in GLU
     mode act(gate) * up of each (gate, up) pair at its feature: the pair rounded to the dtype first, as the GEMV
-    stores them for kernels/glu.py to read, then `_gated`, the GLU kernel's own arithmetic."""
+    stores them for minilora/kernels/glu.py to read, then `_gated`, the GLU kernel's own arithmetic."""
     dtype: tl.constexpr = out_ptr.dtype.element_ty
     if GLU:
         CHUNK: tl.constexpr = total.shape[0]
@@ -242,7 +244,7 @@ def _gemv_nf4_kernel(x_ptr, words_ptr, absmax_ptr, nested_absmax_ptr, nested_cod
     them in split order (deterministic) and stores the output: one launch, SPLIT_K times the programs in flight.
     GLU: W is a joined gate/up weight (N = 2F rows), out has F columns: y = act(gate) * up (GELU: GeGLU, else
     SwiGLU), each thread's rows being (gate, up) pairs (`_gemv_rows`); the weights are read as in the plain GEMV.
-    With PDL (kernels/pdl.py) the first weights are requested before waiting for x."""
+    With PDL (minilora/kernels/pdl.py) the first weights are requested before waiting for x."""
     let_dependents_start(PDL)
     block, row, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     CHUNK: tl.constexpr = BLOCK_N // ROWS
@@ -427,7 +429,7 @@ def matmul_nf4_glu(x: torch.Tensor, state: NF4State, activation: str) -> torch.T
     """act(x @ W_gate^T) * (x @ W_up^T) -> (..., F) for W (2F, K) = gate rows over up rows (a joined gate/up weight).
 
     activation "silu" (SwiGLU) or "gelu_tanh" (GeGLU). At M <= SMALL_M one launch: the GEMV whose epilogue applies
-    the GLU, bit-identical to `matmul_nf4` then kernels/glu.py; otherwise those two. For decoding: no autograd."""
+    the GLU, bit-identical to `matmul_nf4` then glu.py; otherwise those two. For decoding: no autograd."""
     N, K = state.shape
     _check_input(x, state, K, "matmul_nf4_glu")
     if activation not in GLU_ACTIVATIONS:

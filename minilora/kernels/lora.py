@@ -16,23 +16,23 @@ dequant is ~4x cheaper than keeping a bf16 copy around), or used as it is for a 
 
 Merged weight (no dropout, NF4 base on the Triton backend, at least MERGE_MIN_ROWS rows): since the base
 weight is dequantized for every use anyway, the dequantization adds the update in the same pass
-(`kernels/nf4_dequant.py` `dequantize_nf4_lora`), W' = W + s B A, and
+(`minilora/kernels/nf4_dequant.py` `dequantize_nf4_lora`), W' = W + s B A, and
 
     y = x W'^T,    dx = g W'                (xa = x A^T is made in the backward, only for dB)
 
 so the forward has no LoRA GEMM at all and neither pass reads or writes the (M, N) / (M, K) output a
 second time; only x is saved. A recomputation (checkpointing) then costs just the base GEMM. dA and dB come
-from two Triton launches (`kernels/lora_backward.py`) instead of skinny cuBLAS GEMMs, casts and scalings.
+from two Triton launches (`minilora/kernels/lora_backward.py`) instead of skinny cuBLAS GEMMs, casts and scalings.
 
 Apart from those kernels, everything here is cuBLAS through torch. The reference is the composition
 `lora_linear_torch`. Test: tests/test_lora_fused.py. Used by minilora/lora.py on CUDA.
 """
 import torch
 
-from kernels.lora_backward import lora_grads
+from minilora.kernels.lora_backward import lora_grads
 
 # Below this many rows (decoding an adapter) the LoRA branch is cheaper than dequantizing a merged weight:
-# the base then takes the 4-bit decode kernels (kernels/nf4_matmul.py: GEMV at 1 row, few-rows kernel to 64).
+# the base then takes the 4-bit decode kernels (minilora/kernels/nf4_matmul.py: GEMV at 1 row, few-rows kernel to 64).
 MERGE_MIN_ROWS = 64
 
 
@@ -40,7 +40,7 @@ def _merges(base, rows, dropout_mask, device):
     """Does the node fold B A into the dequantized weight? (see the module docstring)"""
     if dropout_mask is not None or rows < MERGE_MIN_ROWS or not hasattr(base, "weight_packed"):
         return False
-    from kernels.backend import resolve_backend
+    from minilora.kernels.backend import resolve_backend
 
     return resolve_backend(base.backend, device) == "triton" and base.in_features % 64 == 0
 
@@ -48,7 +48,7 @@ def _merges(base, rows, dropout_mask, device):
 def _base_matmul(x2, base, dtype):
     """x2 @ W^T for the frozen base: the 4-bit matmul (its decode kernels for few rows) or a cast float weight."""
     if hasattr(base, "weight_packed"):
-        from kernels.backend import matmul
+        from minilora.kernels.backend import matmul
 
         return matmul(x2, base.state, base.backend)
     return torch.mm(x2, base.weight.to(dtype).t())
@@ -56,7 +56,7 @@ def _base_matmul(x2, base, dtype):
 
 def _merged_weight(base, lora_A, lora_B, scaling, dtype):
     """W + s B A in `dtype`, from the packed NF4 weight in one Triton pass."""
-    from kernels.nf4_dequant import dequantize_nf4_lora
+    from minilora.kernels.nf4_dequant import dequantize_nf4_lora
 
     return dequantize_nf4_lora(base.state, lora_A.float().contiguous(), lora_B.float().contiguous(), scaling, dtype)
 
@@ -64,7 +64,7 @@ def _merged_weight(base, lora_A, lora_B, scaling, dtype):
 def _base_weight(base, dtype):
     """The frozen base weight (N, K) in `dtype`: dequantized for a 4-bit layer, cast for an nn.Linear."""
     if hasattr(base, "weight_packed"):
-        from kernels.backend import dequantize
+        from minilora.kernels.backend import dequantize
 
         return dequantize(base.state, dtype, base.backend)
     return base.weight.to(dtype)
@@ -147,7 +147,7 @@ class _LoRALinear(torch.autograd.Function):
             if kept[:2] == (lora_A._version, lora_B._version) and kept[2].dtype == x2.dtype:
                 w = kept[2]
         g = grad_y.reshape(-1, grad_y.shape[-1]).to(x2.dtype).contiguous()
-        # dA and dB in two Triton launches (kernels/lora_backward.py) instead of ~12 small cuBLAS and cast kernels
+        # dA and dB in two Triton launches (lora_backward.py) instead of ~12 small cuBLAS and cast kernels
         grad_A, grad_B = lora_grads(x2.contiguous(), g, lora_A.float(), lora_B.float(), ctx.scaling)
         grad_x = None
         if ctx.needs_input_grad[0]:

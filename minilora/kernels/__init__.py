@@ -10,17 +10,7 @@
 - decode_attention_fused.py: the same in one launch (the last split to finish combines); model.py's decode step.
 - pdl.py:         programmatic dependent launch (Hopper): decode kernels start while the previous one ends.
 
-PyPI has an unrelated package named `kernels`; code importing ours checks `MINILORA_KERNELS`
-(see `require_minilora_kernels`) so that a shadowing install fails loudly instead of importing the wrong thing.
+They live inside the package (`minilora.kernels`), not as a top-level `kernels`: that import name belongs to
+Hugging Face's `kernels` package, which transformers (>= 5.25) requires and imports; a top-level package of ours
+would shadow it there (and overwrite it in site-packages).
 """
-
-MINILORA_KERNELS = True
-
-
-def require_minilora_kernels(module) -> None:
-    """Raise a clear ImportError if `module` (the imported `kernels` package) is not minilora's."""
-    if not getattr(module, "MINILORA_KERNELS", False):
-        raise ImportError(
-            f"'kernels' resolved to {getattr(module, '__file__', module)!r}, which is not minilora's kernels "
-            "package (PyPI has an unrelated package of that name). Run from the minilora checkout or "
-            "`pip uninstall kernels`, then `pip install -e .` in the minilora repo.")

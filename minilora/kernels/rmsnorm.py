@@ -46,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.pdl import let_dependents_start, pdl_enabled, wait_for_inputs
+from minilora.kernels.pdl import let_dependents_start, pdl_enabled, wait_for_inputs
 
 _MAX_D = 65536  # a row must fit one block of registers
 
@@ -73,7 +73,7 @@ def _rms_norm_row(x, weight_ptr, cols, mask, D, eps, UNIT_OFFSET: tl.constexpr):
 @triton.jit
 def _rms_norm_forward_kernel(x_ptr, weight_ptr, y_ptr, rstd_ptr, D, eps,
                              UNIT_OFFSET: tl.constexpr, BLOCK_SIZE: tl.constexpr, PDL: tl.constexpr):
-    let_dependents_start(PDL)  # kernels/pdl.py: the 4-bit matmul after the norm may start its weight reads
+    let_dependents_start(PDL)  # minilora/kernels/pdl.py: the 4-bit matmul after the norm may start its weight reads
     wait_for_inputs(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_SIZE)
