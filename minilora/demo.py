@@ -207,7 +207,7 @@ def demo_table(report):
     before, after = report["before"], report["after"]
     base = "untuned (pretrained-here base)" if report["pretrain_losses"] else "untuned (random base)"
     rows = [(base, before), ("+ QLoRA adapter", after)]
-    lines = [f"\n| model | ROUGE-L | code ROUGE-L | n |", "|---|---|---|---|"]
+    lines = ["\n| model | ROUGE-L | code ROUGE-L | n |", "|---|---|---|---|"]
     lines += [f"| {name} | {100 * s['rouge_l']:.2f} | {100 * s['rouge_l_code']:.2f} | {s['n']} |" for name, s in rows]
     if report["pretrain_losses"]:
         losses = report["pretrain_losses"]

@@ -300,9 +300,10 @@ class JoinedLinear4bit:
     decoded to fp32 (`dequantize_absmax`: the values the layers dequantize with), as double quantization's
     per-tensor offset does not concatenate. That is also why a single layer is worth "joining": the GEMV reads an
     fp32 absmax with fewer instructions than a double-quantized one (o_proj and down_proj: a Llama-3.2-3B decode
-    step 1.1% faster for 1.6 MB more a block, benchmarks/RESULTS.md). Not an nn.Module on purpose: nothing here is saved, trained or moved with the model, and
-    `applies_to` turns False once a layer is replaced (a LoRA wrapper), moved or re-stored, and under autograd.
-    A joined (gate_proj, up_proj) also runs with the GLU as one launch (`glu`) where `fuses_glu` says so.
+    step 1.1% faster for 1.6 MB more a block, benchmarks/RESULTS.md). Not an nn.Module on purpose: nothing here
+    is saved, trained or moved with the model, and `applies_to` turns False once a layer is replaced (a LoRA
+    wrapper), moved or re-stored, and under autograd. A joined (gate_proj, up_proj) also runs with the GLU as one
+    launch (`glu`) where `fuses_glu` says so.
     """
 
     def __init__(self, layers):
