@@ -35,6 +35,10 @@ CUDA_CHECK_EVERY = 16  # decode steps between GPU->CPU syncs that test "all rows
 # while batch x padded length <= PREFILL_GRAPH_TOKENS: there an eager prefill is bound by the host launching
 # ~20 ops per layer (H200, Llama-3.2-3B shape, 128 tokens: 30-39 ms on the host for 5.7 ms of GPU work).
 PROMPT_BUCKET, PREFILL_GRAPH_TOKENS = 64, 2048
+MAX_STOP_IDS = 16  # greedy decoding tests each new token against a fixed-size buffer of stop ids
+# Greedy tokens at up to SCREEN_MAX_BATCH rows come from the lm_head's int8 screen plus the exact logits of the
+# rows it cannot rule out (minilora/kernels/greedy_head.py): half the head's bytes per step.
+SCREENED_HEAD, SCREEN_MAX_BATCH = True, 16
 
 
 # ---------------------------------------------------------------------------------------------- sampling
@@ -74,6 +78,35 @@ def sample(logits, temperature=0.0, top_p=1.0, generator=None):
     probs = top_p_filter(logits.float() / temperature, top_p).softmax(dim=-1)
     race = torch.empty_like(probs).exponential_(1.0, generator=generator)
     return argmax(probs / race)
+
+
+def screened_head(model, batch_size):
+    """The lm_head's int8 screen (minilora/kernels/greedy_head.py) when greedy tokens can come from it: Triton
+    on CUDA, a plain head without soft-capping (tanh can tie logits the screen tells apart), at most
+    SCREEN_MAX_BATCH rows. Made once per head weight and kept on the model; None otherwise."""
+    head = model.lm_head
+    weight = head.weight
+    if (not SCREENED_HEAD or type(head) is not torch.nn.Linear or model.config.final_logit_softcap is not None
+            or batch_size > SCREEN_MAX_BATCH or not use_triton(weight)):
+        return None
+    from minilora.kernels.greedy_head import screen_head
+
+    key = (weight.data_ptr(), weight._version, weight.shape, weight.dtype)
+    cached = getattr(model, "_screened_head", None)
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            model._screened_head = cached = (key, screen_head(weight))
+    return cached[1]
+
+
+def greedy_tokens(model, hidden, head):
+    """argmax(model.logits(hidden)) for hidden (B, D): through the int8 screen `head` when there is one, which
+    reads half the head's bytes and still gives the same token (the exact logits of the few rows it keeps)."""
+    if head is None:
+        return argmax(model.logits(hidden))
+    from minilora.kernels.greedy_head import greedy_tokens as screened_greedy_tokens
+
+    return screened_greedy_tokens(hidden.contiguous(), model.lm_head.weight, head)
 
 
 # ---------------------------------------------------------------------------------------------- the cache
@@ -169,6 +202,15 @@ class Decoder:
         self.segments = torch.ones(batch_size, 1, dtype=torch.long, device=self.device)
         self.graph, self.compiled, self.use_graph = None, compile, use_graph
         self.prefills = {}  # padded prompt length -> (graph, input_ids, positions, segments, logits)
+        # Greedy decoding keeps its whole loop body on the device (`greedy_step`): the token, the output
+        # column, the finished rows and the next position are written by the step itself, so a replay follows
+        # a replay with nothing launched between them.
+        self.out = torch.zeros(batch_size, max_length, dtype=torch.long, device=self.device)
+        self.column = torch.zeros((), dtype=torch.long, device=self.device)
+        self.finished = torch.zeros(batch_size, dtype=torch.bool, device=self.device)
+        self.pad = torch.zeros((), dtype=torch.long, device=self.device)
+        self.stop_ids = torch.full((MAX_STOP_IDS,), -1, dtype=torch.long, device=self.device)
+        self.greedy_graph, self.head = None, None if compile else screened_head(model, batch_size)
         # torch.compile fuses the step's many small element-wise kernels (norms, RoPE, residuals): on a GPU at
         # batch 1 those launches, not the weight reads, would otherwise bound a graph replay.
         self._step = torch.compile(self._forward_step, dynamic=False) if compile else self._forward_step
@@ -179,6 +221,21 @@ class Decoder:
     def _forward_step(self):
         hidden = self.model.hidden_states(self.tokens, self.positions, self.segments, self.cache)
         return self.model.logits(hidden[:, -1])  # (B, V)
+
+    def _greedy_step(self):
+        """One greedy decode step with its bookkeeping, all on the device: feed `tokens`, write the next ones."""
+        if self.compiled:  # the compiled step fuses the head with its neighbours; no screened head there
+            token = argmax(self._step())
+        else:
+            hidden = self.model.hidden_states(self.tokens, self.positions, self.segments, self.cache)[:, -1]
+            token = greedy_tokens(self.model, hidden, self.head)
+        token = torch.where(self.finished, self.pad, token)
+        self.out.index_copy_(1, self.column[None], token[:, None])
+        self.finished |= torch.isin(token, self.stop_ids)
+        self.tokens.copy_(token[:, None])
+        self.positions += 1
+        self.cache.slot += 1
+        self.column += 1
 
     def _forward_prefill(self, input_ids, positions, segments):
         self.cache.clear()
@@ -220,6 +277,56 @@ class Decoder:
             buffer.copy_(value)
         graph.replay()
         return logits
+
+    @torch.inference_mode()
+    def start_greedy(self, first, positions, stop_ids, pad_id):
+        """Set up `greedy_step` after a prefill: `first` (B,) the first new tokens (already padded where a row
+        is finished), fed at `positions` (B,); rows stop at `stop_ids`. Returns the output buffer (B, max_length),
+        whose column i the i-th `greedy_step` writes (column 0 is `first`)."""
+        if len(stop_ids) > MAX_STOP_IDS:
+            raise ValueError(f"generate: {len(stop_ids)} stop ids; greedy decoding takes at most {MAX_STOP_IDS}.")
+        self.stop_ids.fill_(-1)
+        self.stop_ids[:len(stop_ids)] = torch.tensor(sorted(stop_ids), dtype=torch.long)
+        self.pad.fill_(pad_id)
+        self.out[:, 0] = first
+        self.finished.copy_(torch.isin(first, self.stop_ids))
+        self.tokens.copy_(first[:, None])
+        self.positions.copy_(positions[:, None])
+        self.column.fill_(1)
+        return self.out
+
+    @torch.inference_mode()
+    def greedy_step(self):
+        """The next greedy token of every row into the output buffer (see `start_greedy`)."""
+        if not self.use_graph:
+            return self._greedy_step()
+        if self.greedy_graph is None:
+            self.greedy_graph = self._capture_greedy()
+        self.greedy_graph.replay()
+
+    @torch.no_grad()
+    def _capture_greedy(self):
+        """The greedy step as a CUDA graph, captured after a prefill: the warm-ups write the cache's last slot
+        (unused until the last step, and made invisible again) and the step's state, which is restored."""
+        cache = self.cache
+        state = (self.out, self.column, self.finished, self.tokens, self.positions, cache.slot, cache.key_segments,
+                 cache.key_positions)
+        saved = [t.clone() for t in state]
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                self.cache.slot.fill_(self.max_length - 1)
+                self.column.fill_(self.max_length - 1)
+                self._greedy_step()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        self.cache.slot.fill_(self.max_length - 1)
+        with torch.cuda.graph(graph, pool=self.pool):
+            self._greedy_step()
+        for buffer, value in zip(state, saved):
+            buffer.copy_(value)
+        return graph
 
     @torch.inference_mode()
     def step(self, tokens, positions):
@@ -316,13 +423,21 @@ def generate(model, prompts, max_new_tokens, *, temperature=0.0, top_p=1.0, gene
     stop_set = set(stop_ids)
 
     logits = decoder.prefill(input_ids, positions, segments)
+    greedy = temperature == 0.0 and len(stop_set) <= MAX_STOP_IDS
     steps = max_new_tokens
     for i in range(max_new_tokens):
-        if i > 0:
-            logits = decoder.step(out[:, i - 1], lengths + (i - 1))
-        token = torch.where(finished, pad_id, sample(logits, temperature, top_p, generator))
-        out[:, i] = token
-        finished |= torch.isin(token, stop)
+        if greedy:  # the step writes the token, its column of `out` and `finished` itself
+            if i == 0:
+                out = decoder.start_greedy(argmax(logits), lengths, stop_set, pad_id)
+                finished = decoder.finished
+            else:
+                decoder.greedy_step()
+        else:
+            if i > 0:
+                logits = decoder.step(out[:, i - 1], lengths + (i - 1))
+            token = torch.where(finished, pad_id, sample(logits, temperature, top_p, generator))
+            out[:, i] = token
+            finished |= torch.isin(token, stop)
         if (i + 1) % check_every == 0 or i + 1 == max_new_tokens:
             if stop_strings:
                 _check_stop_strings(out, finished, string_cut, i + 1, check_every, stop_set, tokenizer, stop_strings)

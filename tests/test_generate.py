@@ -305,3 +305,43 @@ def test_lora_applied_after_joining_takes_the_layers_own_path(tmp_path):
     assert all(block.self_attn.joined_qkv is None and block.mlp.joined_gate_up is None
                and block.self_attn.joined_o is None and block.mlp.joined_down is None
                for block in model.model.layers)
+
+
+def test_greedy_through_the_screened_head_keeps_the_tokens(monkeypatch, tmp_path):
+    """Greedy tokens from the lm_head's int8 screen (minilora/kernels/greedy_head.py, under the interpreter
+    here) equal those of the full logits, batched and ragged, with stop ids; the screen is made once per weight
+    and made again when the weight changes."""
+    import minilora.generate as G
+
+    make_checkpoint("llama", tmp_path, seed=9)
+    model, tok = load_model(str(tmp_path), dtype=torch.float32, device="cpu")
+    prompts = [tok.encode(t, add_special_tokens=True) for t in TEXTS]
+    plain = generate(model, prompts, NEW, stop_ids=tok.stop_ids, pad_id=tok.pad_id)
+    monkeypatch.setattr(G, "use_triton", lambda x: True)  # only the head's choice: the blocks stay on torch
+    decoder = G.make_decoder(model, len(prompts), 64 + NEW)
+    assert decoder.head is not None
+    assert generate(model, prompts, NEW, stop_ids=tok.stop_ids, pad_id=tok.pad_id, decoder=decoder) == plain
+    assert G.screened_head(model, 1) is decoder.head  # kept on the model for the next decoder
+    with torch.no_grad():
+        model.lm_head.weight.mul_(-1.0)  # a new weight: a new screen, and other tokens
+    flipped = generate(model, prompts, NEW, stop_ids=tok.stop_ids, pad_id=tok.pad_id, use_graph=False)
+    assert G.screened_head(model, 1) is not decoder.head
+    monkeypatch.setattr(G, "use_triton", lambda x: False)
+    assert generate(model, prompts, NEW, stop_ids=tok.stop_ids, pad_id=tok.pad_id) == flipped
+    assert G.screened_head(model, G.SCREEN_MAX_BATCH + 1) is None
+
+
+def test_more_stop_ids_than_the_greedy_buffer_takes_the_logits_loop(some_pair):
+    """Greedy decoding tests stops on the device against MAX_STOP_IDS ids; with more it runs the logits loop,
+    which gives the same tokens (temperature 0 there is the same argmax)."""
+    from minilora.generate import MAX_STOP_IDS
+
+    family, hf, model, tok = some_pair
+    prompts = [tok.encode(t, add_special_tokens=True) for t in TEXTS]
+    many = list(tok.stop_ids) + [tok.vocab_size + i for i in range(MAX_STOP_IDS)]  # ids no model emits
+    assert generate(model, prompts, NEW, stop_ids=many, pad_id=tok.pad_id) == generate(
+        model, prompts, NEW, stop_ids=tok.stop_ids, pad_id=tok.pad_id), family
+    decoder = Decoder(model, 1, PROMPT_BUCKET)
+    with pytest.raises(ValueError, match=f"{MAX_STOP_IDS + 1} stop ids"):
+        decoder.start_greedy(torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long),
+                             list(range(MAX_STOP_IDS + 1)), 0)

@@ -1,0 +1,243 @@
+"""Exact greedy (argmax) LM head that screens W (V, D) through an int8 copy: about half the bytes of bf16 W read.
+
+Plain path (reference `greedy_tokens_reference`): p = hidden @ W^T with fp32 accumulation, rounded to the
+logits dtype (as bf16 `F.linear` and HF's greedy do), argmax with ties to the lowest index.
+`screen_head(W)` keeps, per row r, q_r = round(w_r / s_r) in [-127, 127] (int8), s_r = absmax(w_r) / 127
+(fp32) and a bound c_r with |p_r - u_r| <= ||x||_2 c_r for every x, where u_r = s_r (x . q_r) in fp32:
+
+    |p_r - u_r| <= |x.(w_r - s_r q_r)| + |p_r - x.w_r| + |u_r - s_r x.q_r|
+                <= ||x|| ||w_r - s_r q_r||  +  gamma_D ||x|| ||w_r||  +  gamma_{D+1} ||x|| ||s_r q_r||
+
+(Cauchy-Schwarz on the residual; a D-term fp32 dot in any order, FMA or not, is off by at most
+gamma_D sum_k |x_k w_k| <= gamma_D ||x|| ||w||, gamma_n = n u / (1 - n u), u = 2^-24; u_r rounds once more).
+c_r = (||w_r - s_r q_r|| + 2 (D + 2) u (||w_r|| + ||s_r q_r||)) (1 + 1e-6) + 1e-30, in float64 (its own
+rounding is far inside the 1e-6), rounded up to fp32; 2 (D + 2) u >= gamma_{D+1} while D u < 1/4, and also
+covers tensor-core sums that truncate (2u a step).
+
+greedy_tokens (B <= 16 rows of hidden), three launches and a few torch reductions, no host sync:
+1. `_screen_kernel`, one program per BLOCK_V rows, all B rows at once (W's tile read once): u_r, then
+   upper_r = u_r + n c_r into a (B, V) buffer and max_r (u_r - n c_r) into (B, programs), with n = ||x|| computed
+   in fp32 times NORM_SLACK = (1 + 1e-6)(1 + (D + 8) 2^-23): that covers the fp32 sum of squares (gamma_D / 2),
+   the sqrt and the products (a u each). torch's amax gives L = max_r lower_r <= max_r p_r = P.
+2. `_exact_kernel`: the candidates are rows with upper_r >= T = L - rel |L| - tiny; only their W rows are
+   loaded (masked rows cost no traffic; a program without one skips its loop), each exact fp32 logit is rounded
+   to the logits dtype, and each program writes its best (value, lowest index) and its candidate count.
+3. torch: the best value over programs, then the lowest index among the programs holding it.
+
+Why T keeps every row that can win: a row r can win only if round(p_r) = round(P) = R. If R is normal, p_r and
+P lie in R's rounding interval, of width <= ulp(R) <= 2^-m |R| (m = stored mantissa bits: bf16 7, fp16 10,
+fp32 23), so P - p_r <= 1.01 2^-m |P| = delta(P); a subnormal R puts them within finfo.tiny. y - delta(y) grows
+with y and P >= L, so p_r >= L - delta(L) - tiny. We use rel = 2 * 2^-m + 2^-20 and tiny = 2 finfo.tiny:
+the factor 2 leaves 2^-m |L| for the few fp32 roundings of lower, upper, L and T (each u times a value that
+the same monotonicity argument ties to |L|); the 2^-20 (16 u) does that job for fp32 logits, where rounding
+to the dtype is the identity and 2 * 2^-23 = 4u alone would be tight. Overflow: every p_r >= finfo.max may
+round to +inf and tie, so T <= finfo.max; if T <= -finfo.max every row may round to -inf: T = -inf keeps all.
+Rows with upper_r < T cannot tie or beat the winner, so the argmax over the candidates is the plain one
+(modulo the fp32 summation order of the exact dots). Inputs must be finite.
+
+bf16 rounding is done on the bits (round to nearest even), not by a cast: the CPU interpreter's fp32 -> bf16
+cast truncates (see tests/test_add_rms_norm.py). Layout: hidden (B, D), W (V, D), q (V, D), all contiguous.
+Both kernels keep a (B_PAD, BLOCK_V, BLOCK_D) fp32 accumulator summed over D once, after the loop (`_config`).
+Tests: tests/test_greedy_head.py (`-m gpu`: the Llama-3.2-3B head, a CUDA graph). Benchmark:
+benchmarks/greedy_head.py.
+"""
+import os
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_MAX_B = 16
+_U = 2.0 ** -24
+_MANTISSA = {torch.bfloat16: 7, torch.float16: 10, torch.float32: 23}
+_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def _config(B, V, D):
+    """(B_PAD, BLOCK_V, BLOCK_D, num_warps). Untuned: to be measured on the lent H100 (V=128256, D=3072).
+
+    B_PAD * BLOCK_V * BLOCK_D = 8192 fp32 accumulators a program (64 a thread at 4 warps); BLOCK_D >= 128 keeps
+    each thread's int8 loads 16 bytes wide.
+    """
+    b_pad = triton.next_power_of_2(B)
+    block_d = 256 if b_pad == 1 else 128
+    block_v = max(1, 8192 // (b_pad * block_d))
+    if INTERPRET:  # it runs programs one by one, each reduction ~2 ms: fewer, larger programs
+        block_v *= 8
+    return b_pad, block_v, block_d, 4
+
+
+class ScreenedHead(NamedTuple):
+    q: torch.Tensor  # (V, D) int8, round(W / scale) in [-127, 127]
+    scale: torch.Tensor  # (V,) fp32, absmax(W row) / 127 (1 for a row of zeros)
+    bound: torch.Tensor  # (V,) fp32, c_r: |x.w_r - scale_r (x.q_r)| <= ||x|| c_r, both fp32 dots, any order
+
+
+@torch.no_grad()
+def screen_head(weight, chunk_rows=16384):
+    """The int8 copy of `weight` (V, D) and its per-row error bound, in float64 `chunk_rows` rows at a time."""
+    if weight.dim() != 2 or weight.dtype not in _MANTISSA:
+        raise ValueError(f"screen_head: weight {tuple(weight.shape)} {weight.dtype}, expected (V, D) float")
+    V, D = weight.shape
+    q = torch.empty(V, D, dtype=torch.int8, device=weight.device)
+    scale = torch.empty(V, dtype=torch.float32, device=weight.device)
+    bound = torch.empty_like(scale)
+    for start in range(0, V, chunk_rows):
+        w = weight[start:start + chunk_rows].double()
+        s = (w.abs().amax(1) / 127).float()
+        s = torch.where(s > 0, s, 1.0)  # zero (or underflowing) rows: q = 0 and the bound is ||w_r||
+        qq = torch.round(w / s.double()[:, None]).clamp(-127, 127)
+        sq = s.double()[:, None] * qq  # exact: 24-bit times 8-bit
+        c = (w - sq).norm(dim=1) + 2 * (D + 2) * _U * (w.norm(dim=1) + sq.norm(dim=1))
+        c = c * (1 + 1e-6) + 1e-30
+        c32 = c.float()
+        c32 = torch.where(c32.double() < c, torch.nextafter(c32, torch.full_like(c32, float("inf"))), c32)
+        q[start:start + chunk_rows] = qq.to(torch.int8)
+        scale[start:start + chunk_rows] = s
+        bound[start:start + chunk_rows] = c32
+    if not torch.isfinite(bound).all():
+        raise ValueError("screen_head: weight has non-finite values")
+    return ScreenedHead(q, scale, bound)
+
+
+def greedy_tokens_reference(hidden, weight, logits_dtype=None):
+    """The plain path: fp32-accumulated logits rounded to logits_dtype, argmax (torch: first of equal maxima)."""
+    logits = hidden.float() @ weight.float().T
+    return logits.to(logits_dtype or weight.dtype).float().argmax(-1)
+
+
+@triton.jit
+def _screen_kernel(hidden_ptr, q_ptr, scale_ptr, bound_ptr, upper_ptr, low_ptr, B, V, D, P, norm_slack,
+                   B_PAD: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_V + tl.arange(0, BLOCK_V)
+    bs = tl.arange(0, B_PAD)
+    cols = tl.arange(0, BLOCK_D)
+    row_ok = rows < V
+    acc = tl.zeros((B_PAD, BLOCK_V, BLOCK_D), tl.float32)  # summed over D once, after the loop
+    squares = tl.zeros((B_PAD, BLOCK_D), tl.float32)
+    q_rows = q_ptr + rows.to(tl.int64)[:, None] * D
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + cols
+        x = tl.load(hidden_ptr + bs[:, None] * D + d[None, :], mask=(bs[:, None] < B) & (d[None, :] < D), other=0.0)
+        x = x.to(tl.float32)
+        q = tl.load(q_rows + d[None, :], mask=row_ok[:, None] & (d[None, :] < D), other=0).to(tl.float32)
+        acc += x[:, None, :] * q[None, :, :]
+        squares += x * x
+    s = tl.load(scale_ptr + rows, mask=row_ok, other=0.0)
+    c = tl.load(bound_ptr + rows, mask=row_ok, other=0.0)
+    u = tl.sum(acc, axis=2) * s[None, :]  # (B_PAD, BLOCK_V)
+    radius = (tl.sqrt(tl.sum(squares, axis=1)) * norm_slack)[:, None] * c[None, :]
+    keep = (bs[:, None] < B) & row_ok[None, :]
+    tl.store(upper_ptr + bs[:, None] * V + rows[None, :], u + radius, mask=keep)
+    lower = tl.max(tl.where(keep, u - radius, float("-inf")), axis=1)
+    tl.store(low_ptr + bs * P + pid, lower, mask=bs < B)
+
+
+@triton.jit
+def _round_to_logits(x, LOGITS: tl.constexpr):
+    """fp32 -> LOGITS ("bf16", "fp16", "fp32") -> fp32, round to nearest even."""
+    if LOGITS == "bf16":  # on the bits: add half an ulp less one, plus the kept lowest bit (ties to even)
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True)
+    elif LOGITS == "fp16":
+        return x.to(tl.float16).to(tl.float32)
+    else:
+        return x
+
+
+@triton.jit
+def _exact_kernel(hidden_ptr, weight_ptr, upper_ptr, low_ptr, best_ptr, index_ptr, count_ptr, B, V, D, P,
+                  rel, tiny, biggest, LOGITS: tl.constexpr,
+                  B_PAD: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_V + tl.arange(0, BLOCK_V)
+    bs = tl.arange(0, B_PAD)
+    cols = tl.arange(0, BLOCK_D)
+    valid = (bs[:, None] < B) & (rows[None, :] < V)
+    L = tl.load(low_ptr + bs, mask=bs < B, other=0.0)
+    T = tl.minimum(L - rel * tl.abs(L) - tiny, biggest)  # the module docstring says why
+    T = tl.where(T <= -biggest, float("-inf"), T)
+    upper = tl.load(upper_ptr + bs[:, None] * V + rows[None, :], mask=valid, other=0.0)
+    candidate = valid & (upper >= T[:, None])  # (B_PAD, BLOCK_V)
+    needed = tl.max(candidate.to(tl.int32), axis=0) > 0  # a candidate for some batch row: load it
+    d_end = tl.where(tl.sum(needed.to(tl.int32), axis=0) > 0, D, 0)
+    acc = tl.zeros((B_PAD, BLOCK_V, BLOCK_D), tl.float32)
+    w_rows = weight_ptr + rows.to(tl.int64)[:, None] * D
+    for d0 in range(0, d_end, BLOCK_D):
+        d = d0 + cols
+        x = tl.load(hidden_ptr + bs[:, None] * D + d[None, :], mask=(bs[:, None] < B) & (d[None, :] < D), other=0.0)
+        w = tl.load(w_rows + d[None, :], mask=needed[:, None] & (d[None, :] < D), other=0.0)
+        acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+    value = tl.where(candidate, _round_to_logits(tl.sum(acc, axis=2), LOGITS), float("-inf"))
+    best = tl.max(value, axis=1)
+    index = tl.min(tl.where(candidate & (value == best[:, None]), rows[None, :], V), axis=1)
+    tl.store(best_ptr + bs * P + pid, best, mask=bs < B)
+    tl.store(index_ptr + bs * P + pid, index, mask=bs < B)
+    tl.store(count_ptr + bs * P + pid, tl.sum(candidate.to(tl.int32), axis=1), mask=bs < B)
+
+
+def _validate(hidden, weight, screened, logits_dtype, name):
+    if not (hidden.is_cuda or INTERPRET):
+        raise ValueError(f"{name}: hidden is on {hidden.device}; the Triton kernels need a CUDA tensor "
+                         "(or TRITON_INTERPRET=1 set before triton is imported); use greedy_tokens_reference")
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"{name}: hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)}, "
+                         "expected (B, D) and (V, D)")
+    B, D = hidden.shape
+    V = weight.shape[0]
+    if not 1 <= B <= _MAX_B:
+        raise ValueError(f"{name}: {B} rows of hidden, expected 1 to {_MAX_B}")
+    if weight.dtype not in _MANTISSA or hidden.dtype != weight.dtype:
+        raise ValueError(f"{name}: hidden {hidden.dtype}, weight {weight.dtype}: expected the same float dtype")
+    if logits_dtype not in _MANTISSA:
+        raise ValueError(f"{name}: logits_dtype {logits_dtype}, expected float16, bfloat16 or float32")
+    want = {"q": ((V, D), torch.int8), "scale": ((V,), torch.float32), "bound": ((V,), torch.float32)}
+    for field, (shape, dtype) in want.items():
+        t = getattr(screened, field)
+        if tuple(t.shape) != shape or t.dtype != dtype or not t.is_contiguous():
+            raise ValueError(f"{name}: screened.{field} is {tuple(t.shape)} {t.dtype} (strides {t.stride()}), "
+                             f"expected contiguous {shape} {dtype} for weight {(V, D)}")
+    for label, t in [("weight", weight)] + [(f"screened.{f}", getattr(screened, f)) for f in want]:
+        if t.device != hidden.device:
+            raise ValueError(f"{name}: {label} on {t.device}, hidden on {hidden.device}")
+    if not (hidden.is_contiguous() and weight.is_contiguous()):
+        raise ValueError(f"{name}: hidden (strides {hidden.stride()}) and weight (strides {weight.stride()}) "
+                         "must be contiguous")
+
+
+def _greedy(hidden, weight, screened, logits_dtype, name):
+    """(tokens (B,) int64, candidate rows per batch row (B,) int32), no host sync."""
+    logits_dtype = logits_dtype or weight.dtype
+    _validate(hidden, weight, screened, logits_dtype, name)
+    (B, D), V = hidden.shape, weight.shape[0]
+    b_pad, block_v, block_d, num_warps = _config(B, V, D)
+    P = triton.cdiv(V, block_v)
+    upper = torch.empty(B, V, dtype=torch.float32, device=hidden.device)
+    low = torch.empty(B, P, dtype=torch.float32, device=hidden.device)
+    blocks = dict(B_PAD=b_pad, BLOCK_V=block_v, BLOCK_D=block_d, num_warps=num_warps)
+    _screen_kernel[(P,)](hidden, screened.q, screened.scale, screened.bound, upper, low, B, V, D, P,
+                         (1 + 1e-6) * (1 + (D + 8) * 2.0 ** -23), **blocks)
+    best = torch.empty(B, P, dtype=torch.float32, device=hidden.device)
+    index = torch.empty(B, P, dtype=torch.int32, device=hidden.device)
+    count = torch.empty(B, P, dtype=torch.int32, device=hidden.device)
+    info = torch.finfo(logits_dtype)
+    _exact_kernel[(P,)](hidden, weight, upper, low.amax(1), best, index, count, B, V, D, P,
+                        2.0 * 2.0 ** -_MANTISSA[logits_dtype] + 2.0 ** -20, 2.0 * info.tiny, info.max,
+                        LOGITS=_NAMES[logits_dtype], **blocks)
+    top = best.amax(1, keepdim=True)  # programs hold rows in order: the lowest index among the best programs wins
+    tokens = torch.where(best == top, index, V).amin(1).long()
+    return tokens, count.sum(1, dtype=torch.int32)
+
+
+def greedy_tokens(hidden, weight, screened, logits_dtype=None):
+    """argmax of (hidden @ weight.T).to(logits_dtype) over V, exactly as `greedy_tokens_reference`: (B,) int64."""
+    return _greedy(hidden, weight, screened, logits_dtype, "greedy_tokens")[0]
+
+
+def count_candidates(hidden, weight, screened, logits_dtype=None):
+    """How many rows of W the exact pass reads for each row of hidden: (B,) int32 (the screen's efficiency)."""
+    return _greedy(hidden, weight, screened, logits_dtype, "count_candidates")[1]
