@@ -85,10 +85,10 @@ def screened_head(model, batch_size):
     on CUDA, a plain head without soft-capping (tanh can tie logits the screen tells apart), at most
     SCREEN_MAX_BATCH rows. Made once per head weight and kept on the model; None otherwise."""
     head = model.lm_head
-    weight = head.weight
     if (not SCREENED_HEAD or type(head) is not torch.nn.Linear or model.config.final_logit_softcap is not None
-            or batch_size > SCREEN_MAX_BATCH or not use_triton(weight)):
-        return None
+            or batch_size > SCREEN_MAX_BATCH or not use_triton(head.weight)):
+        return None  # a LoRA-wrapped head (no .weight of its own) takes the logits path
+    weight = head.weight
     from minilora.kernels.greedy_head import screen_head
 
     key = (weight.data_ptr(), weight._version, weight.shape, weight.dtype)

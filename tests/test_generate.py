@@ -329,6 +329,11 @@ def test_greedy_through_the_screened_head_keeps_the_tokens(monkeypatch, tmp_path
     monkeypatch.setattr(G, "use_triton", lambda x: False)
     assert generate(model, prompts, NEW, stop_ids=tok.stop_ids, pad_id=tok.pad_id) == flipped
     assert G.screened_head(model, G.SCREEN_MAX_BATCH + 1) is None
+    from minilora.lora import apply_lora
+
+    monkeypatch.setattr(G, "use_triton", lambda x: True)
+    apply_lora(model, r=4, alpha=8, targets=["lm_head"])
+    assert G.screened_head(model, 1) is None  # a LoRA-wrapped head: its logits, not the base weight's
 
 
 def test_more_stop_ids_than_the_greedy_buffer_takes_the_logits_loop(some_pair):
