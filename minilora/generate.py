@@ -38,7 +38,8 @@ PROMPT_BUCKET, PREFILL_GRAPH_TOKENS = 64, 2048
 MAX_STOP_IDS = 16  # greedy decoding tests each new token against a fixed-size buffer of stop ids
 # Greedy tokens at up to SCREEN_MAX_BATCH rows come from the lm_head's int8 screen plus the exact logits of the
 # rows it cannot rule out (minilora/kernels/greedy_head.py): half the head's bytes per step.
-SCREENED_HEAD, SCREEN_MAX_BATCH = True, 16
+# Batch 1 only: at 8 rows the screen kernel took 0.32x the plain head's speed (benchmarks/RESULTS.md, H100).
+SCREENED_HEAD, SCREEN_MAX_BATCH = True, 1
 
 
 # ---------------------------------------------------------------------------------------------- sampling
@@ -231,7 +232,7 @@ class Decoder:
             token = greedy_tokens(self.model, hidden, self.head)
         token = torch.where(self.finished, self.pad, token)
         self.out.index_copy_(1, self.column[None], token[:, None])
-        self.finished |= torch.isin(token, self.stop_ids)
+        self.finished |= (token[:, None] == self.stop_ids).any(-1)  # torch.isin cannot be captured
         self.tokens.copy_(token[:, None])
         self.positions += 1
         self.cache.slot += 1
@@ -289,7 +290,7 @@ class Decoder:
         self.stop_ids[:len(stop_ids)] = torch.tensor(sorted(stop_ids), dtype=torch.long)
         self.pad.fill_(pad_id)
         self.out[:, 0] = first
-        self.finished.copy_(torch.isin(first, self.stop_ids))
+        self.finished.copy_((first[:, None] == self.stop_ids).any(-1))
         self.tokens.copy_(first[:, None])
         self.positions.copy_(positions[:, None])
         self.column.fill_(1)

@@ -12,8 +12,8 @@ import torch
 import triton
 
 from minilora.kernels import greedy_head
-from minilora.kernels.greedy_head import (count_candidates, greedy_tokens, greedy_tokens_reference, screen_head,
-                                          ScreenedHead)
+from minilora.kernels.greedy_head import (ScreenedHead, count_candidates, greedy_tokens, greedy_tokens_reference,
+                                          pack_words, screen_head, unpack_words)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -50,8 +50,10 @@ def test_screen_head_matches_float64(dtype):
     scale = torch.where(absmax > 0, absmax / 127, 1.0).float()
     assert torch.equal(s.scale, scale)
     q = torch.round(w64 / scale.double()[:, None]).clamp(-127, 127)
-    assert s.q.dtype == torch.int8 and torch.equal(s.q.double(), q)
-    assert s.q.abs().amax(1)[torch.arange(300) != 5].eq(127).all()  # each row's largest entry maps to +-127
+    assert s.words.dtype == torch.int32 and s.words.shape == (300, 18)  # ceil(70 / 4) words a row
+    assert torch.equal(unpack_words(s.words, 70).double(), q)
+    assert torch.equal(pack_words(unpack_words(s.words, 70)), s.words)  # the padding bytes are 0
+    assert q.abs().amax(1)[torch.arange(300) != 5].eq(127).all()  # each row's largest entry maps to +-127
     assert s.bound.dtype == torch.float32 and (s.bound > 0).all()
 
 
@@ -62,12 +64,12 @@ def test_bound_holds(dtype):
     V, D = 500, 130
     w = (0.02 * torch.randn(V, D)).to(dtype)
     s = screen_head(w)
-    w64, sq64 = w.double(), s.scale.double()[:, None] * s.q.double()
+    w64, sq64 = w.double(), s.scale.double()[:, None] * unpack_words(s.words, D).double()
     residual = (w64 - sq64)[:40].to(dtype)
     x = torch.cat([(2 * torch.randn(200, D)).to(dtype), residual])
     norm = x.double().norm(dim=1, keepdim=True)
     exact = (x.double() @ w64.T - x.double() @ sq64.T).abs()
-    fp32 = (x.float() @ w.float().T - (x.float() @ s.q.float().T) * s.scale).double().abs()
+    fp32 = (x.float() @ w.float().T - (x.float() @ unpack_words(s.words, D).float().T) * s.scale).double().abs()
     for what, err in (("float64", exact), ("fp32", fp32)):
         ratio = err / (norm * s.bound.double())
         assert ratio.max() <= 1, f"{what}: the bound fails, max error / bound {ratio.max().item():.6g}"
@@ -162,7 +164,7 @@ def test_screen_top_is_not_the_answer(dtype, outlier):
     x, w = x.to(dtype), w.to(dtype)
     s = screen_head(w)
     tokens = check_tokens(x, w, screened=s)
-    screen_top = ((x.float() @ s.q.float().T) * s.scale).argmax(-1)
+    screen_top = ((x.float() @ unpack_words(s.words, D).float().T) * s.scale).argmax(-1)
     assert (screen_top != tokens).any(), "the int8 ranking agreed everywhere: the test lost its point"
     counts = count_candidates(x, w, s)
     print(f"outlier {outlier}: candidates {counts.tolist()} of {V}")
@@ -205,7 +207,7 @@ def test_rejects():
         (torch.randn(2, 41), w, s, None, r"hidden \(2, 41\) and weight \(50, 40\)"),
         (x.half(), w, s, None, r"hidden torch.float16, weight torch.float32"),
         (x, w, s, torch.int32, r"logits_dtype torch.int32"),
-        (x, w, screen_head(torch.randn(51, 40)), None, r"screened.q is \(51, 40\).*for weight \(50, 40\)"),
+        (x, w, screen_head(torch.randn(51, 40)), None, r"screened.words is \(51, 10\).*for weight \(50, 40\)"),
         (x, w, s._replace(scale=s.scale.double()), None, r"screened.scale is \(50,\) torch.float64"),
         (x, w.to("meta"), s, None, r"weight on meta, hidden on cpu"),
         (torch.randn(40, 2).T, w, s, None, r"hidden \(strides \(1, 2\)\).*contiguous"),
