@@ -14,6 +14,13 @@ tokens: 531 tok/s at batch 1, 2,426 at batch 8 (benchmarks/RESULTS.md).
 Greedy output is checked against transformers' `generate` and batched output against one-prompt-at-a-time
 output in tests/test_generate.py.
 
+Greedy decoding (temperature 0) keeps its whole loop body in the captured step (`Decoder.greedy_step`): the
+next token, its column of the output, the finished rows and the next positions are written on the device, so
+replays follow each other with nothing launched between them. At batch 1 the token comes from the lm_head's
+int8 screen (minilora/kernels/greedy_head.py): the int8 copy bounds every logit, and only the rows that could
+still be the argmax are computed from the real weight, so the token is the one the full logits give while
+about half the head's bytes are read (0.4 GB more memory for a 3B model's copy).
+
 Ragged prompts are left-padded. Padding gets segment 0 and every real token segment 1, positions count real
 tokens only (cumsum(valid) - 1), so by model.py's masking rule a padded row computes exactly what it would
 alone. Decoded tokens continue each row's own positions.
