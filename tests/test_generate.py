@@ -252,6 +252,24 @@ def test_cuda_graph_decode_with_nf4_weights(device, tmp_path):
     assert agree >= 0.9, agree
 
 
+@pytest.mark.gpu
+def test_cuda_graph_greedy_through_the_screened_head(device, tmp_path, monkeypatch):
+    """The in-graph greedy loop with the int8-screened head gives the tokens of the logits loop without it."""
+    import minilora.generate as G
+
+    make_checkpoint("llama", tmp_path, seed=6)
+    model, tok = load_model(str(tmp_path), dtype=torch.bfloat16, device=device, quantize="nf4")
+    prompts = [tok.encode(t, add_special_tokens=True) for t in TEXTS]
+    stop_ids = list(tok.stop_ids)
+    logits_loop = [generate(model, [p], NEW, temperature=1.0, top_p=1e-9, stop_ids=stop_ids, pad_id=tok.pad_id,
+                            use_graph=True, generator=torch.Generator(device).manual_seed(0))[0] for p in prompts]
+    monkeypatch.setattr(G, "SCREENED_HEAD", True)
+    decoder = G.make_decoder(model, 1, PROMPT_BUCKET + NEW)
+    assert decoder.head is not None
+    screened = [generate(model, [p], NEW, stop_ids=stop_ids, pad_id=tok.pad_id, decoder=decoder)[0] for p in prompts]
+    assert screened == logits_loop
+
+
 def test_generation_benchmark_logic_on_cpu(tmp_path):
     """benchmarks/generate.py --tiny: both stacks load the same checkpoint, agree, and the table is written."""
     import importlib.util
@@ -319,6 +337,7 @@ def test_greedy_through_the_screened_head_keeps_the_tokens(monkeypatch, tmp_path
     plain = generate(model, prompts, NEW, stop_ids=tok.stop_ids, pad_id=tok.pad_id)
     monkeypatch.setattr(G, "use_triton", lambda x: True)  # only the head's choice: the blocks stay on torch
     monkeypatch.setattr(G, "SCREEN_MAX_BATCH", 16)  # the kernel takes up to 16 rows (generate uses it at 1)
+    monkeypatch.setattr(G, "SCREENED_HEAD", True)  # MINILORA_SCREENED_HEAD=1
     decoder = G.make_decoder(model, len(prompts), 64 + NEW)
     assert decoder.head is not None
     assert generate(model, prompts, NEW, stop_ids=tok.stop_ids, pad_id=tok.pad_id, decoder=decoder) == plain
