@@ -204,6 +204,12 @@ def run(args):
     return rows, checks, (prompt_len, new_tokens)
 
 
+def screened_head_on():
+    from minilora.generate import SCREENED_HEAD
+
+    return SCREENED_HEAD
+
+
 def render(rows, checks, shape, args):
     import transformers
 
@@ -224,7 +230,8 @@ def render(rows, checks, shape, args):
              "made (`make_decoder`, as evaluate.py reuses one across batches); the torch.compile column also fuses "
              "the step's element-wise kernels (its compile time, ~10-40 s per shape, is in the warm-up); the "
              "'new decoder' column makes a fresh cache and captures a fresh graph inside every timed call (what "
-             "`generate` costs when no decoder is passed). Speedup and target use the default.", "",
+             "`generate` costs when no decoder is passed). Speedup and target use the default. Greedy head at batch 1: "
+             f"{'int8-screened (MINILORA_SCREENED_HEAD=1)' if screened_head_on() else 'bf16 logits + argmax'}.", "",
              "| weights | batch | minilora tok/s | minilora + torch.compile tok/s | minilora, new decoder per call | HF tok/s | speedup | target | met |",
              "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
