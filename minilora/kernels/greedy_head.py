@@ -14,15 +14,16 @@ c_r = (||w_r - s_r q_r|| + 2 (D + 2) u (||w_r|| + ||s_r q_r||)) (1 + 1e-6) + 1e-
 rounding is far inside the 1e-6), rounded up to fp32; 2 (D + 2) u >= gamma_{D+1} while D u < 1/4, and also
 covers tensor-core sums that truncate (2u a step).
 
-greedy_tokens (B <= 16 rows of hidden), three launches and a few torch reductions, no host sync:
-1. `_screen_kernel`, one program per BLOCK_V rows, all B rows at once (W's tile read once): u_r, then
+greedy_tokens (B <= 16 rows of hidden): two kernels and a mask, no host sync, capturable in a CUDA graph:
+1. `_screen_kernel`, one program per BLOCK_V rows, all B rows at once (the int8 tile read once): u_r, then
    upper_r = u_r + n c_r into a (B, V) buffer and max_r (u_r - n c_r) into (B, programs), with n = ||x|| computed
    in fp32 times NORM_SLACK = (1 + 1e-6)(1 + (D + 8) 2^-23): that covers the fp32 sum of squares (gamma_D / 2),
-   the sqrt and the products (a u each). torch's amax gives L = max_r lower_r <= max_r p_r = P.
-2. `_exact_kernel`: the candidates are rows with upper_r >= T = L - rel |L| - tiny; only their W rows are
-   loaded (masked rows cost no traffic; a program without one skips its loop), each exact fp32 logit is rounded
-   to the logits dtype, and each program writes its best (value, lowest index) and its candidate count.
-3. torch: the best value over programs, then the lowest index among the programs holding it.
+   the sqrt and the products (a u each). Program 0 also resets the exact pass's outputs.
+2. `_exact_kernel`, about four programs an SM: each reduces the screen's per-program maxima to
+   L = max_r lower_r <= max_r p_r = P, keeps the rows of its range with upper_r >= T = L - rel |L| - tiny, and
+   computes their exact fp32 logits one row at a time (most programs have none), rounded to the logits dtype.
+   The best (value, lowest row) goes out as one int64 through `atomic_min`: high word -1 - the value's bits
+   mapped to a monotone int32, low word the row; the token is its low word.
 
 Why T keeps every row that can win: a row r can win only if round(p_r) = round(P) = R. If R is normal, p_r and
 P lie in R's rounding interval, of width <= ulp(R) <= 2^-m |R| (m = stored mantissa bits: bf16 7, fp16 10,
@@ -36,8 +37,9 @@ Rows with upper_r < T cannot tie or beat the winner, so the argmax over the cand
 (modulo the fp32 summation order of the exact dots). Inputs must be finite.
 
 bf16 rounding is done on the bits (round to nearest even), not by a cast: the CPU interpreter's fp32 -> bf16
-cast truncates (see tests/test_add_rms_norm.py). Layout: hidden (B, D), W (V, D), q (V, D), all contiguous.
-Both kernels keep a (B_PAD, BLOCK_V, BLOCK_D) fp32 accumulator summed over D once, after the loop (`_config`).
+cast truncates (see tests/test_add_rms_norm.py). Layout: hidden (B, D), W (V, D), contiguous; q is stored as
+words (V, ceil(D / 4)) int32 where byte k of word j is column k * D/4 + j (`pack_words`), so each byte meets a
+contiguous slice of x, and a byte becomes a float by its bits (0x4B0000uu = 2^23 + uu), not by a conversion.
 Tests: tests/test_greedy_head.py (`-m gpu`: the Llama-3.2-3B head, a CUDA graph). Benchmark:
 benchmarks/greedy_head.py.
 """
@@ -47,6 +49,8 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+
+from minilora.kernels.nf4_matmul import _sm_count
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _MAX_B = 16
@@ -281,8 +285,9 @@ def _greedy(hidden, weight, screened, logits_dtype, name):
     _screen_kernel[(P,)](hidden, screened.words, screened.scale, screened.bound, upper, low, key, count,
                          B, V, D, screened.words.shape[1], P, (1 + 1e-6) * (1 + (D + 8) * 2.0 ** -23),
                          B_PAD=b_pad, BLOCK_V=block_v, BLOCK_W=block_w, num_warps=num_warps)
-    # The exact pass: ROWS rows a program (about four programs an SM of an H100; bigger under the interpreter).
-    rows = min(triton.next_power_of_2(triton.cdiv(V, 4 * 132 if not INTERPRET else 4)), 4096)
+    # The exact pass: ROWS rows a program, about four programs an SM (four in all under the interpreter).
+    programs = 4 * _sm_count(hidden.device) if not INTERPRET else 4
+    rows = min(triton.next_power_of_2(triton.cdiv(V, programs)), 4096)
     info = torch.finfo(logits_dtype)
     _exact_kernel[(triton.cdiv(V, rows),)](
         hidden, weight, upper, low, key, count, B, V, D, P, 2.0 * 2.0 ** -_MANTISSA[logits_dtype] + 2.0 ** -20,
