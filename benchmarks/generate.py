@@ -231,7 +231,7 @@ def render(rows, checks, shape, args):
              "the step's element-wise kernels (its compile time, ~10-40 s per shape, is in the warm-up); the "
              "'new decoder' column makes a fresh cache and captures a fresh graph inside every timed call (what "
              "`generate` costs when no decoder is passed). Speedup and target use the default. Greedy head at batch 1: "
-             f"{'int8-screened (MINILORA_SCREENED_HEAD=1)' if screened_head_on() else 'bf16 logits + argmax'}.", "",
+             f"{'int8-screened (the default)' if screened_head_on() else 'bf16 logits + argmax'}.", "",
              "| weights | batch | minilora tok/s | minilora + torch.compile tok/s | minilora, new decoder per call | HF tok/s | speedup | target | met |",
              "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:

@@ -204,12 +204,14 @@ def _exact_kernel(hidden_ptr, weight_ptr, upper_ptr, low_ptr, key_ptr, count_ptr
     bs = tl.arange(0, B_PAD)
     cols = tl.arange(0, BLOCK_D)
     # L = max of the screen's lower bounds, from its per-program maxima (each program reduces them: no launch)
-    L = tl.full((B_PAD,), float("-inf"), tl.float32)
+    # (Reduced after the loop, not inside it: Triton 3.6's thread-locality pass asserts on a loop-carried
+    # reduction whose result has more than one use, as L's has below.)
+    lows = tl.full((B_PAD, BLOCK_P), float("-inf"), tl.float32)
     for p0 in range(0, P, BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P)
-        lows = tl.load(low_ptr + bs[:, None] * P + p[None, :], mask=(bs[:, None] < B) & (p[None, :] < P),
-                       other=float("-inf"))
-        L = tl.maximum(L, tl.max(lows, axis=1))
+        lows = tl.maximum(lows, tl.load(low_ptr + bs[:, None] * P + p[None, :],
+                                        mask=(bs[:, None] < B) & (p[None, :] < P), other=float("-inf")))
+    L = tl.max(lows, axis=1)
     T = tl.minimum(L - rel * tl.abs(L) - tiny, biggest)  # the module docstring says why
     T = tl.where(T <= -biggest, float("-inf"), T)
     rows = pid * ROWS + tl.arange(0, ROWS)
