@@ -149,7 +149,8 @@ class StaticKVCache(KVCache):
     def append_positions(self, positions, segments):
         # model.py calls this once per forward, before the layers: the slots are computed here once, not per
         # layer (two kernels fewer per layer in every decode step)
-        self.slots = self.slot + torch.arange(positions.shape[1], device=self.slot.device)
+        T = positions.shape[1]  # one token: a view of the slot, no kernel at all
+        self.slots = self.slot.reshape(1) if T == 1 else self.slot + torch.arange(T, device=self.slot.device)
         self.key_positions.index_copy_(1, self.slots, positions)
         self.key_segments.index_copy_(1, self.slots, segments)
 
@@ -238,13 +239,12 @@ class Decoder:
         else:
             hidden = self.model.hidden_states(self.tokens, self.positions, self.segments, self.cache)[:, -1]
             token = greedy_tokens(self.model, hidden, self.head)
-        token = torch.where(self.finished, self.pad, token)
-        self.out.index_copy_(1, self.column[None], token[:, None])
-        self.finished |= (token[:, None] == self.stop_ids).any(-1)  # torch.isin cannot be captured
-        self.tokens.copy_(token[:, None])
-        self.positions += 1
-        self.cache.slot += 1
-        self.column += 1
+        # the token into the output, finished rows, the next inputs: one kernel on the GPU, nine torch ops here
+        from minilora.kernels.greedy_advance import advance_greedy, advance_greedy_reference
+
+        advance = advance_greedy if use_triton(token) else advance_greedy_reference
+        advance(token, self.out, self.column, self.finished, self.pad, self.stop_ids, self.tokens, self.positions,
+                self.cache.slot)
 
     def _forward_prefill(self, input_ids, positions, segments):
         self.cache.clear()
@@ -447,7 +447,8 @@ def generate(model, prompts, max_new_tokens, *, temperature=0.0, top_p=1.0, gene
             token = torch.where(finished, pad_id, sample(logits, temperature, top_p, generator))
             out[:, i] = token
             finished |= torch.isin(token, stop)
-        if (i + 1) % check_every == 0 or i + 1 == max_new_tokens:
+        # with no stop id or string no row can finish early: no reason to wait for the device
+        if (stop_set or stop_strings) and ((i + 1) % check_every == 0 or i + 1 == max_new_tokens):
             if stop_strings:
                 _check_stop_strings(out, finished, string_cut, i + 1, check_every, stop_set, tokenizer, stop_strings)
             if bool(finished.all()):

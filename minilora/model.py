@@ -54,7 +54,7 @@ def triton_ops():
 
     return dict(rms_norm=rmsnorm.rms_norm_triton, add_rms_norm=rmsnorm.add_rms_norm_triton, rope=rope.rope_triton,
                 swiglu=glu.swiglu_triton, geglu=glu.geglu_triton,
-                linear_cross_entropy=cross_entropy.linear_cross_entropy_triton,
+                linear_cross_entropy=cross_entropy.linear_cross_entropy_triton, rope_cos_sin=rope.rope_cos_sin_triton,
                 decode_attention_fused=decode_attention_fused.decode_attention_fused)
 
 
@@ -341,9 +341,10 @@ class Transformer(nn.Module):
             segments_q = segments if segments is not None else torch.ones_like(input_ids)
         if cache is not None:
             cache.append_positions(positions, segments_q)
-        rope_tables = {"global": rope_cos_sin(self.inv_freq, positions, x.dtype)}
+        cos_sin = triton_ops()["rope_cos_sin"] if use_triton(x) else rope_cos_sin  # one launch instead of six
+        rope_tables = {"global": cos_sin(self.inv_freq, positions, x.dtype)}
         if c.local_rope is not None:
-            rope_tables["local"] = rope_cos_sin(self.inv_freq_local, positions, x.dtype)
+            rope_tables["local"] = cos_sin(self.inv_freq_local, positions, x.dtype)
         masks = {}
         in_kernels = cache is not None and T == 1 and cache.decodes_in_kernels(x)  # masks read from the cache
         checkpointed = 0  # blocks run under torch.utils.checkpoint: the first ones

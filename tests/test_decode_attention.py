@@ -17,8 +17,8 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
-from minilora.kernels.decode_attention import (decode_attention, decode_attention_reference, plan_splits,  # noqa: E402
-                                      rope_cache_write, rope_cache_write_reference)
+from minilora.kernels.decode_attention import (decode_attention, decode_attention_reference, keys_per_block,  # noqa: E402
+                                      plan_splits, rope_cache_write, rope_cache_write_reference)
 from minilora import model  # noqa: E402
 from minilora.generate import StaticKVCache  # noqa: E402
 
@@ -126,6 +126,7 @@ def _visible(positions, segments, slot, window):
     """(B, S): the masking rule, written out again independently of the reference."""
     query_position, query_segment = positions[:, slot, None], segments[:, slot, None]
     visible = (segments == query_segment) & (positions <= query_position)
+    visible &= torch.arange(segments.shape[1], device=segments.device) <= slot  # slots after the query's: not its past
     return visible & (query_position - positions < window) if window is not None else visible
 
 
@@ -196,6 +197,31 @@ def test_decode_attention(name, dtype, splits):
     _assert_attention_close(ref, *inputs, scale, softcap, window, f"reference {dtype} {name}")
 
 
+def after_the_slot_inputs(dtype=torch.float32, device="cpu"):
+    """_decode_inputs where every slot after the query's holds a key that the positions and segments alone would
+    make visible (segment 1, position 0), with a large score, and row 1's padding slot 3 holds a NaN value."""
+    B, H, Hkv, S, Dh, slot = 2, 4, 2, 100, 64, 60
+    q, k_cache, v_cache, positions, segments, slot_tensor = _decode_inputs(B, H, Hkv, S, Dh, slot, [0, 7], dtype)
+    clean = [x.to(device) for x in (q, k_cache, v_cache, positions, segments, slot_tensor)]
+    segments[:, slot + 1:], positions[:, slot + 1:] = 1, 0
+    k_cache[:, :, slot + 1:] = q[:, :Hkv, None, :] * 10  # would dominate the softmax if it were read
+    v_cache[1, :, 3] = float("nan")
+    dirty = [x.to(device) for x in (q, k_cache, v_cache, positions, segments, slot_tensor)]
+    return clean, dirty
+
+
+def test_keys_after_the_slot_and_nan_padding_are_not_read():
+    """The rule's j <= slot: a key after the query's slot is not its past, whatever its position and segment (a
+    cache fills in slot order). And the K/V rows up to the slot, loaded without waiting for visibility, leave an
+    invisible row's NaN value (stale padding) out of the output."""
+    clean, dirty = after_the_slot_inputs()
+    for splits in (1, 3):
+        assert torch.equal(decode_attention(*dirty, 0.125, splits=splits), decode_attention(*clean, 0.125, splits=splits))
+    clean[2][1, :, 3] = 0.0  # the reference multiplies P by V: 0 * NaN would be NaN there
+    dirty[2][1, :, 3] = 0.0
+    assert torch.equal(decode_attention_reference(*dirty, 0.125), decode_attention_reference(*clean, 0.125))
+
+
 def test_decode_attention_fp16():
     _attention_case(CASES["G3-Dh64-ragged"], torch.float16, splits=2)
 
@@ -258,16 +284,18 @@ def test_decode_step_matches_model(window):
 
 def test_plan_splits():
     assert plan_splits(1, 8, 4096, 128) == (32, 128)  # Llama-3.2-3B at batch 1: 8 kv heads x 32 splits
-    assert plan_splits(1, 8, 256, 128) == (4, 64)  # no split under MIN_KEYS_PER_SPLIT keys: one block each
+    assert plan_splits(1, 8, 256, 128) == (8, 32)  # no split under MIN_KEYS_PER_SPLIT keys: one block each
+    assert plan_splits(1, 8, 255, 128) == (8, 32)  # generate's 128 + 127: the count rounds up, not down to 7 x 64
     assert plan_splits(8, 8, 512, 128) == (4, 128)
-    assert plan_splits(1, 8, 40, 128) == (1, 64)
+    assert plan_splits(1, 8, 40, 128) == (2, 32)
+    assert plan_splits(1, 8, 20, 128) == (1, 32)
     assert plan_splits(32, 8, 4096, 128)[0] == 1  # B * Hkv programs fill the GPU already
-    assert plan_splits(1, 2, 70, 64, splits=3) == (2, 64)  # forced: whole blocks, no empty split
+    assert plan_splits(1, 2, 70, 64, splits=4) == (3, 32)  # forced: whole blocks, no empty split
     assert plan_splits(1, 1, 10 ** 5, 64, splits=1000)[0] <= 64  # at most MAX_SPLITS
     for B, Hkv, S, Dh, splits in [(1, 8, 4097, 128, None), (2, 4, 999, 256, None), (1, 1, 300, 64, 7),
                                   (3, 2, 65, 96, 64)]:
         n, keys = plan_splits(B, Hkv, S, Dh, splits)
-        assert keys % 32 == 0 and (n - 1) * keys < S <= n * keys, (B, Hkv, S, Dh, splits, n, keys)
+        assert keys % keys_per_block(Dh) == 0 and (n - 1) * keys < S <= n * keys, (B, Hkv, S, Dh, splits, n, keys)
 
 
 def _bad_attention(**changes):

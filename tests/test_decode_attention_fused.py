@@ -241,3 +241,21 @@ def test_decode_attention_fused_in_cuda_graph_gpu(device, splits):
         _assert_attention_close(out, q_rot, k_cache, v_cache, positions, segments, slot, Dh ** -0.5, None, None, what)
     assert not fused._arrival_counter(B * Hkv, k_cache.device).any()
     assert math.isfinite(float(out.float().abs().max()))
+
+
+def test_fused_keys_after_the_slot_and_nan_padding_are_not_read():
+    """decode_attention.py's j <= slot rule and NaN padding (test_decode_attention's same-named test), in one launch."""
+    from test_decode_attention import after_the_slot_inputs
+
+    clean, dirty = after_the_slot_inputs()
+    q, *_ = clean
+    B, H, Dh = q.shape
+    Hkv = clean[1].shape[1]
+    k, v = torch.randn(B, Hkv * Dh), torch.randn(B, Hkv * Dh)
+    cos, sin = _quarter_turns(B, Dh, torch.float32, "cpu")
+    outs = []
+    for _, k_cache, v_cache, positions, segments, slot in (clean, dirty):
+        outs.append([decode_attention_fused(q.reshape(B, -1), k, v, cos, sin, k_cache.clone(), v_cache.clone(),
+                                            positions, segments, slot, 0.125, splits=splits) for splits in (1, 3)])
+    for a, b in zip(*outs):
+        assert not a.isnan().any() and torch.equal(a, b)

@@ -107,7 +107,7 @@ def test_dequantize_with_lora_validates_inputs():
 
 @pytest.mark.parametrize("nested", [True, False])
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
-@pytest.mark.parametrize("m", [SMALL_M, 2, 5, 17, FEW_ROWS + 1])  # M_PAD 16 and 32 for the few-row kernel
+@pytest.mark.parametrize("m", [SMALL_M, 2, 5, 17, 100, FEW_ROWS + 1])  # M_PAD 16, 32, 128 for the few-row kernel
 @pytest.mark.parametrize("n,k", [(37, 192), (20, 70)])  # K not a multiple of BLOCK_K; K % 64 != 0 falls back
 def test_matmul_matches_reference(n, k, m, dtype, nested):
     state = _state(n, k, nested=nested)

@@ -17,7 +17,9 @@ import torch.nn.functional as F
 from minilora.kernels.cross_entropy import linear_cross_entropy_torch, linear_cross_entropy_triton
 from minilora.kernels.glu import geglu_torch, geglu_triton, swiglu_torch, swiglu_triton
 from minilora.kernels.rmsnorm import rms_norm_torch, rms_norm_triton
-from minilora.kernels.rope import rope_torch, rope_triton
+from minilora.kernels.rope import rope_cos_sin_triton, rope_torch, rope_triton
+from minilora.config import RopeConfig
+from minilora.model import rope_cos_sin, rope_inverse_frequencies
 
 CPU_DTYPES = [torch.float32, torch.float16]
 GPU_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -151,6 +153,38 @@ def test_rope_keeps_strides_and_inverts_hf_rotation():
     assert_close(k.grad, 2 * k.detach(), torch.float32, "rope grad of |k'|^2")
 
 
+def _cos_sin_case(device, dtype, exact):
+    """rope_cos_sin_triton vs model.rope_cos_sin on Llama 3's rescaled frequencies, positions up to 10^5 (where
+    the fp32 angle's rounding matters most), a strided (B, T) view, and one row. exact: the GPU, where both call the
+    same CUDA math functions and round to nearest; the interpreter's numpy cos/sin and its truncating cast to 16
+    bits may differ by an ulp of fp32 and one of the dtype."""
+    rope = RopeConfig(kind="llama3", theta=500000.0, factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                      original_max_position_embeddings=8192)
+    inv_freq = rope_inverse_frequencies(rope, 128).to(device)
+    wide = torch.randint(0, 100_000, (3, 41), device=device)
+    for positions in (wide[:, 1:40:2], wide[:1, :1], torch.arange(257, device=device)[None]):
+        ours, expected = rope_cos_sin_triton(inv_freq, positions, dtype), rope_cos_sin(inv_freq, positions, dtype)
+        for got, want, name in zip(ours, expected, ("cos", "sin")):
+            assert got.shape == want.shape and got.dtype == dtype
+            if exact:
+                assert torch.equal(got, want), f"{name} {dtype} {tuple(positions.shape)}"
+            else:
+                ulp = torch.finfo(dtype).eps * want.abs().float().clamp_min(2 ** -14) + 2 ** -23
+                assert ((got.float() - want.float()).abs() <= ulp).all(), f"{name} {dtype} {tuple(positions.shape)}"
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+def test_rope_cos_sin(dtype):
+    _cos_sin_case("cpu", dtype, exact=False)
+
+
+def test_rope_cos_sin_rejects_bad_input():
+    with pytest.raises(ValueError, match="positions"):
+        rope_cos_sin_triton(torch.ones(4), torch.zeros(2, 3), torch.float32)
+    with pytest.raises(ValueError, match="inv_freq"):
+        rope_cos_sin_triton(torch.ones(2, 4), torch.zeros(2, 3, dtype=torch.long), torch.float32)
+
+
 # ---------------------------------------------------------------- SwiGLU / GeGLU
 GLU = {"swiglu": (swiglu_triton, swiglu_torch), "geglu": (geglu_triton, geglu_torch)}
 
@@ -267,6 +301,12 @@ def test_rms_norm_gpu(device, dtype, unit_offset):
 def test_rope_gpu(device, dtype):
     _rope_case(device, dtype, B=2, Hq=24, Hk=8, T=257, Dh=128, cos_batch=2, transposed_q=True)
     _rope_case(device, dtype, B=2, Hq=3, Hk=1, T=13, Dh=10, cos_batch=1, transposed_q=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+def test_rope_cos_sin_gpu(device, dtype):
+    _cos_sin_case(device, dtype, exact=True)
 
 
 @pytest.mark.gpu

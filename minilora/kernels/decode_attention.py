@@ -8,7 +8,9 @@
 2. `decode_attention(q, k_cache, v_cache, key_positions, key_segments, slot, scale, softcap, window) -> out`:
        s_j = scale q.k_j,   s_j = softcap tanh(s_j / softcap) (Gemma 2, before the mask),   out = softmax(s) @ V
    over the keys visible by model.py's one masking rule, read at the query's own cache slot: key j is visible
-   iff seg[j] == seg[slot] and pos[j] <= pos[slot] and pos[slot] - pos[j] < window. Unfilled slots (segment -1)
+   iff seg[j] == seg[slot] and pos[j] <= pos[slot] and pos[slot] - pos[j] < window, and j <= slot (a cache
+   fills in slot order: what lies after the query's slot is not part of its past, and is never read, so a
+   long cache costs only its filled part). Unfilled slots (segment -1)
    are never visible and the query sees its own slot, so no row is empty (a row with none gives NaN, as torch's
    softmax over all -inf does). GQA: head h reads kv head h // (H / Hkv). Softmax in fp32; P is rounded to the
    cache dtype for P @ V (as model.py's softcapped path and SDPA's fused kernels do), which sums in fp32; the
@@ -17,10 +19,11 @@
 Design (flash-decoding, Dao et al. 2023): a decode step reads all of K and V once and does little arithmetic per
 byte, so it is bound by memory and needs many programs in flight even at batch 1. Grid (B * Hkv, SPLITS): a
 program takes the G = H / Hkv query heads that share one kv head (their rows padded to 16, tl.dot's minimum), so
-K and V are read once for all G, over one chunk of the S keys in BLOCK_S blocks, with an online softmax. K and V
-loads are masked by visibility, so invisible keys (the unfilled end of the cache) cost no K/V traffic. With
+K and V are read once for all G, over one chunk of the S keys in BLOCK_S blocks, with an online softmax. With
 SPLITS > 1 each program writes fp32 (max, sum, unnormalised output) partials and `_combine_splits_kernel` merges
-them. `plan_splits` picks SPLITS from shapes alone. Nothing reads a device value on the host and every buffer's
+them. The K/V loads are bounded by the slot, not by each key's visibility, so they do not wait for the
+positions and segments (invisible rows' V is zeroed after the load: no NaN from stale padding). `plan_splits`
+picks SPLITS from shapes alone. Nothing reads a device value on the host and every buffer's
 shape is known there, so both launches can be captured in a CUDA graph; the kernels read `slot` from memory, so a
 replay sees its new value.
 
@@ -52,8 +55,11 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Measured with benchmarks/decode_attention.py on an H100 (Llama-3.2-3B heads, bf16; benchmarks/RESULTS.md): at
 # batch 1 the more splits the faster down to one 64-key block per split (S = 256: 11.4 µs in 1 split, 7.4 in 4;
 # S = 512: 18.9 in 1, 8.0 in 8), while at batch 64 (512 programs already) 1 split was fastest (46 µs vs 51-68).
-BLOCK_S = 64  # keys per block (32 for Dh > 128: keys_per_block)
-MIN_KEYS_PER_SPLIT = 64  # one block
+# Then inside the graphed Llama-3.2-3B step (H100, S = 255, batch 1, same process): 2 splits of 128 keys (the
+# split count rounded down) 1.631 ms a token, 4 x 64 1.627, 8 x 32 1.626, and 8 x 32 with the K/V loads bounded
+# by the slot instead of waiting on each key's position and segment 1.602 ms (4 x 64 that way: 1.654).
+BLOCK_S = 32  # keys per block (16 for Dh > 128: keys_per_block)
+MIN_KEYS_PER_SPLIT = 32  # one block
 TARGET_PROGRAMS = 256  # about two programs per SM of an H100/H200 (132 SMs)
 MAX_SPLITS = 64  # the combine holds every split's (Dh,) partial of a row in registers
 MAX_HEAD_DIM = 256  # Gemma 2/3; a (16, Dh) fp32 accumulator and (BLOCK_S, Dh) tiles per program
@@ -94,6 +100,7 @@ def decode_attention_reference(q, k_cache, v_cache, key_positions, key_segments,
     index = slot.reshape(1, 1).expand(B, 1)
     query_position, query_segment = key_positions.gather(1, index), key_segments.gather(1, index)  # (B, 1)
     visible = (key_segments == query_segment) & (key_positions <= query_position)
+    visible &= torch.arange(key_segments.shape[1], device=key_segments.device) <= slot  # the query's past only
     if window is not None:
         visible &= (query_position - key_positions) < window
     p = torch.softmax(scores.masked_fill(~visible[:, None, :], float("-inf")), dim=-1)
@@ -172,7 +179,8 @@ def _attend_keys(q, m, denom, acc, start, end, skip, b, query_pos, query_seg, po
                  HEAD_DIM: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_FP32: tl.constexpr,
                  BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
     """The online softmax (m, denom, acc) of q's heads carried over the cache keys [start, end) visible under the
-    masking rule, key `skip` excepted (-1: none). Shared by this file's kernel and the fused one."""
+    masking rule, key `skip` excepted (-1: none); callers bound `end` by slot + 1. Shared by this file's kernel and
+    the fused one."""
     for block in range(start, end, BLOCK_S):
         j = block + tl.arange(0, BLOCK_S)
         in_chunk = j < end
@@ -181,13 +189,14 @@ def _attend_keys(q, m, denom, acc, start, end, skip, b, query_pos, query_seg, po
         visible = in_chunk & (j != skip) & (key_seg == query_seg) & (key_pos <= query_pos)
         if HAS_WINDOW:
             visible = visible & (query_pos - key_pos < window)
+        # K/V masked by the chunk only: these loads do not wait for the positions and segments above
         if BLOCK_D == HEAD_DIM:
-            kv_mask = visible[:, None]  # one value per row: the row's loads stay vectorised
+            kv_mask = in_chunk[:, None]  # one value per row: the row's loads stay vectorised
         else:
-            kv_mask = visible[:, None] & d_mask[None, :]
+            kv_mask = in_chunk[:, None] & d_mask[None, :]
         rows = cache + j[:, None] * cache_stride_s + d[None, :]  # (BLOCK_S, BLOCK_D)
-        k = tl.load(k_cache_ptr + rows, mask=kv_mask, other=0.0)  # invisible keys are not read
-        v = tl.load(v_cache_ptr + rows, mask=kv_mask, other=0.0)
+        k = tl.load(k_cache_ptr + rows, mask=kv_mask, other=0.0)
+        v = tl.where(visible[:, None], tl.load(v_cache_ptr + rows, mask=kv_mask, other=0.0), 0.0)  # 0 * NaN is NaN
         s = _dot(q, tl.trans(k), DOT_FP32) * scale  # (BLOCK_G, BLOCK_S)
         if HAS_SOFTCAP:
             s = softcap * _tanh(s / softcap)
@@ -229,7 +238,7 @@ def _decode_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, seg_ptr, 
     denom = tl.zeros((BLOCK_G,), tl.float32)  # running sum of exp(s - m)
     acc = tl.zeros((BLOCK_G, BLOCK_D), tl.float32)  # running sum of exp(s - m) v
     start = split * keys_per_split
-    end = tl.minimum(start + keys_per_split, S)
+    end = tl.minimum(tl.minimum(start + keys_per_split, S), slot + 1)  # keys after the query's slot: not its past
     m, denom, acc = _attend_keys(q, m, denom, acc, start, end, -1, b, query_pos, query_seg, pos_ptr, seg_ptr,
                                  pos_stride, seg_stride, k_cache_ptr, v_cache_ptr, cache, cache_stride_s, d, d_mask,
                                  scale, softcap, window, HEAD_DIM, HAS_SOFTCAP, HAS_WINDOW, DOT_FP32, BLOCK_D, BLOCK_S)
@@ -364,11 +373,11 @@ def keys_per_block(Dh):
 def plan_splits(B, Hkv, S, Dh, splits=None):
     """(SPLITS, keys per split) for the (B * Hkv, SPLITS) grid, from shapes alone (no device read).
 
-    Enough splits for about TARGET_PROGRAMS programs, each over >= MIN_KEYS_PER_SPLIT keys; 1 when B * Hkv
+    Enough splits for about TARGET_PROGRAMS programs, each over ~MIN_KEYS_PER_SPLIT keys or more; 1 when B * Hkv
     programs already fill the GPU. `splits` forces a count (tests); a split is a whole number of blocks, none
     is empty and there are at most MAX_SPLITS, so the count may come out lower."""
     if splits is None:
-        splits = min(triton.cdiv(TARGET_PROGRAMS, B * Hkv), S // MIN_KEYS_PER_SPLIT)
+        splits = min(triton.cdiv(TARGET_PROGRAMS, B * Hkv), triton.cdiv(S, MIN_KEYS_PER_SPLIT))
     splits = min(max(1, splits), MAX_SPLITS)
     block_s = keys_per_block(Dh)
     keys_per_split = triton.cdiv(triton.cdiv(S, splits), block_s) * block_s

@@ -115,7 +115,8 @@ def _decode_attention_fused_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, k_cach
     query_pos = tl.load(pos_ptr + b * pos_stride + query_slot)
     query_seg = tl.load(seg_ptr + b * seg_stride + query_slot)
 
-    # the online softmax starts from the own key (always visible: same segment, distance 0), taken from registers
+    # the online softmax starts from the own key (always visible: same segment, distance 0), taken from registers;
+    # the loop stops at the slot (keys after it are not the query's past; decode_attention.py's docstring)
     s_own = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], axis=1) * scale  # (BLOCK_G,)
     if HAS_SOFTCAP:
         s_own = softcap * _tanh(s_own / softcap)
@@ -123,7 +124,7 @@ def _decode_attention_fused_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, k_cach
     denom = tl.zeros((BLOCK_G,), tl.float32) + tl.where(owns, 1.0, 0.0)  # running sum of exp(s - m)
     acc = tl.zeros((BLOCK_G, BLOCK_D), tl.float32) + tl.where(owns, v_new.to(tl.float32), 0.0)[None, :]
     # the own key is already in (m, denom, acc); its cache row is skipped, as it may not read back this write yet
-    m, denom, acc = _attend_keys(q, m, denom, acc, start, end, slot, b, query_pos, query_seg, pos_ptr, seg_ptr,
+    m, denom, acc = _attend_keys(q, m, denom, acc, start, tl.minimum(end, slot + 1), slot, b, query_pos, query_seg, pos_ptr, seg_ptr,
                                  pos_stride, seg_stride, k_cache_ptr, v_cache_ptr, cache, cache_stride_s, d, d_mask,
                                  scale, softcap, window, HEAD_DIM, HAS_SOFTCAP, HAS_WINDOW, DOT_FP32, BLOCK_D, BLOCK_S)
 

@@ -52,7 +52,9 @@ from minilora.nf4 import dequantize_nf4 as dequantize_nf4_reference
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 SMALL_M = 1  # rows for the GEMV (at 2 rows the few-rows kernel is faster: benchmarks/RESULTS.md)
-FEW_ROWS = 64  # rows for the tensor-core kernel; above, dequant + cuBLAS
+# rows for the tensor-core kernel; above, dequant + cuBLAS. 128: a 128-token prefill (Llama-3.2-3B shape, batch 1,
+# graph replay, H100) took 5.34 ms with it, 6.73 ms with dequant + cuBLAS (benchmarks/RESULTS.md)
+FEW_ROWS = 128
 
 # The GEMV's launch is planned, not autotuned (`gemv_plan`): one tiling, and the K split that puts every program
 # in a single wave. Autotuning times each config alone, one weight over and over; a decode step runs the GEMV

@@ -25,6 +25,12 @@ tensors with the inputs' strides (no in-place update). cos and sin are (B, T, Dh
 q's dtype, as HF's rotary embedding returns them. One program owns one (b, t): it loads cos and sin once
 and rotates all heads of q and of k as (heads x Dh/2) blocks; the maths runs in fp32, rounding once.
 
+`rope_cos_sin_triton(inv_freq, positions, dtype)` makes those cos and sin tables, (B, T, Dh) each, in one launch:
+what `minilora.model.rope_cos_sin` (its reference) computes in six torch kernels (cast, multiply, concatenate,
+cos, sin, two casts), with the same arithmetic: the angle position * inv_freq[j] in fp32, its cos and sin in fp32
+(the CUDA math library's, as torch's kernels call it), rounded once to `dtype`. A batch-1 decode step is bound by
+its launches, ~1.5 µs each, so the five saved there count.
+
 Test: tests/test_train_kernels.py. Benchmark: benchmarks/train_kernels.py.
 """
 import os
@@ -32,6 +38,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from minilora.kernels.pdl import let_dependents_start, pdl_enabled, wait_for_inputs
 
 
 @triton.jit
@@ -162,3 +170,47 @@ def rope_triton(q, k, cos, sin):
     """Rotate q (B, H, T, Dh) and k (B, Hkv, T, Dh) with the Triton kernel; returns (q', k')."""
     _validate(q, k, cos, sin)
     return _RoPE.apply(q, k, cos, sin)
+
+
+@triton.jit
+def _cos_sin_kernel(positions_ptr, inv_freq_ptr, cos_ptr, sin_ptr, N, T, stride_b, stride_t, HALF,
+                    ROWS: tl.constexpr, BLOCK_HALF: tl.constexpr, PDL: tl.constexpr):
+    let_dependents_start(PDL)
+    wait_for_inputs(PDL)  # the positions may come from the kernel before
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # rows of (B * T, Dh)
+    j = tl.arange(0, BLOCK_HALF)
+    row_ok = rows < N
+    mask = row_ok[:, None] & (j < HALF)[None, :]
+    position = tl.load(positions_ptr + (rows // T) * stride_b + (rows % T) * stride_t, mask=row_ok, other=0)
+    angle = position.to(tl.float32)[:, None] * tl.load(inv_freq_ptr + j, mask=j < HALF, other=0.0)[None, :]
+    cos, sin = tl.cos(angle).to(cos_ptr.dtype.element_ty), tl.sin(angle).to(sin_ptr.dtype.element_ty)
+    out = rows.to(tl.int64)[:, None] * (2 * HALF) + j[None, :]
+    for offset in tl.static_range(2):  # cat(angles, angles): both halves of the head dim
+        tl.store(cos_ptr + out + offset * HALF, cos, mask=mask)
+        tl.store(sin_ptr + out + offset * HALF, sin, mask=mask)
+
+
+def rope_cos_sin_triton(inv_freq, positions, dtype):
+    """cos, sin (B, T, Dh = 2 len(inv_freq)) in `dtype` for integer positions (B, T): model.rope_cos_sin, one launch."""
+    who = "rope_cos_sin_triton"
+    if not (positions.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        raise ValueError(f"{who}: positions on {positions.device}; the Triton kernel needs a CUDA tensor "
+                         "(or TRITON_INTERPRET=1); use model.rope_cos_sin")
+    if positions.dim() != 2 or positions.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{who}: positions {tuple(positions.shape)} {positions.dtype}, expected (B, T) integers")
+    if inv_freq.dim() != 1 or not inv_freq.is_floating_point() or inv_freq.device != positions.device:
+        raise ValueError(f"{who}: inv_freq {tuple(inv_freq.shape)} {inv_freq.dtype} on {inv_freq.device}, expected "
+                         f"(Dh / 2,) floats on {positions.device}")
+    inv_freq = inv_freq.float().contiguous()  # as the reference: the angles in fp32
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"{who}: dtype {dtype}, expected float16, bfloat16 or float32")
+    (B, T), half = positions.shape, inv_freq.shape[0]
+    cos = torch.empty(B, T, 2 * half, dtype=dtype, device=positions.device)
+    sin = torch.empty_like(cos)
+    rows = 8
+    if B * T > 0:
+        pdl = pdl_enabled(positions.device)
+        _cos_sin_kernel[(triton.cdiv(B * T, rows),)](
+            positions, inv_freq, cos, sin, B * T, T, positions.stride(0), positions.stride(1), half, ROWS=rows,
+            BLOCK_HALF=triton.next_power_of_2(half), PDL=pdl, num_warps=1 if B * T <= rows else 4, launch_pdl=pdl)
+    return cos, sin
