@@ -16,9 +16,10 @@ output in tests/test_generate.py.
 
 Greedy decoding (temperature 0) keeps its whole loop body in the captured step (`Decoder.greedy_step`): the
 next token, its column of the output, the finished rows and the next positions are written on the device, so
-replays follow each other with nothing launched between them. At batch 1 the token comes from the lm_head's int8 screen (minilora/kernels/greedy_head.py): the int8 copy bounds every
-logit, and only the rows that could still be the argmax are computed from the real weight, so the token is the
-one the full logits give while about half the head's bytes are read (0.4 GB more memory for a 3B model's copy).
+replays follow each other with nothing launched between them. At batch 1 the token comes from the lm_head's
+int8 screen (minilora/kernels/greedy_head.py): the int8 copy bounds every logit, and only the rows that could
+still be the argmax are computed from the real weight, so the token is the one the full logits give while about
+half the head's bytes are read (0.4 GB more memory for a 3B model's copy).
 
 Ragged prompts are left-padded. Padding gets segment 0 and every real token segment 1, positions count real
 tokens only (cumsum(valid) - 1), so by model.py's masking rule a padded row computes exactly what it would

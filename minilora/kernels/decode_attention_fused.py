@@ -124,9 +124,10 @@ def _decode_attention_fused_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, k_cach
     denom = tl.zeros((BLOCK_G,), tl.float32) + tl.where(owns, 1.0, 0.0)  # running sum of exp(s - m)
     acc = tl.zeros((BLOCK_G, BLOCK_D), tl.float32) + tl.where(owns, v_new.to(tl.float32), 0.0)[None, :]
     # the own key is already in (m, denom, acc); its cache row is skipped, as it may not read back this write yet
-    m, denom, acc = _attend_keys(q, m, denom, acc, start, tl.minimum(end, slot + 1), slot, b, query_pos, query_seg, pos_ptr, seg_ptr,
-                                 pos_stride, seg_stride, k_cache_ptr, v_cache_ptr, cache, cache_stride_s, d, d_mask,
-                                 scale, softcap, window, HEAD_DIM, HAS_SOFTCAP, HAS_WINDOW, DOT_FP32, BLOCK_D, BLOCK_S)
+    m, denom, acc = _attend_keys(q, m, denom, acc, start, tl.minimum(end, slot + 1), slot, b, query_pos, query_seg,
+                                 pos_ptr, seg_ptr, pos_stride, seg_stride, k_cache_ptr, v_cache_ptr, cache,
+                                 cache_stride_s, d, d_mask, scale, softcap, window, HEAD_DIM, HAS_SOFTCAP, HAS_WINDOW,
+                                 DOT_FP32, BLOCK_D, BLOCK_S)
 
     row = b * (Hkv * G) + heads  # (b, head) as a row of (B * H, ...)
     if SPLITS == 1:
