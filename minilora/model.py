@@ -341,7 +341,7 @@ class Transformer(nn.Module):
             segments_q = segments if segments is not None else torch.ones_like(input_ids)
         if cache is not None:
             cache.append_positions(positions, segments_q)
-        cos_sin = triton_ops()["rope_cos_sin"] if use_triton(x) else rope_cos_sin  # one launch instead of six
+        cos_sin = triton_ops()["rope_cos_sin"] if use_triton(x) else rope_cos_sin  # one launch instead of seven
         rope_tables = {"global": cos_sin(self.inv_freq, positions, x.dtype)}
         if c.local_rope is not None:
             rope_tables["local"] = cos_sin(self.inv_freq_local, positions, x.dtype)

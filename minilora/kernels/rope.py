@@ -26,10 +26,10 @@ q's dtype, as HF's rotary embedding returns them. One program owns one (b, t): i
 and rotates all heads of q and of k as (heads x Dh/2) blocks; the maths runs in fp32, rounding once.
 
 `rope_cos_sin_triton(inv_freq, positions, dtype)` makes those cos and sin tables, (B, T, Dh) each, in one launch:
-what `minilora.model.rope_cos_sin` (its reference) computes in six torch kernels (cast, multiply, concatenate,
-cos, sin, two casts), with the same arithmetic: the angle position * inv_freq[j] in fp32, its cos and sin in fp32
-(the CUDA math library's, as torch's kernels call it), rounded once to `dtype`. A batch-1 decode step is bound by
-its launches, ~1.5 µs each, so the five saved there count.
+what `minilora.model.rope_cos_sin` (its reference) computes in seven torch kernels at 16 bits (cast, multiply,
+concatenate, cos, sin, two casts), with the same arithmetic: the angle position * inv_freq[j] in fp32, its cos and
+sin in fp32 (the CUDA math library's, as torch's kernels call it), rounded once to `dtype`. A batch-1 decode step
+is bound by its launches, ~1.5 µs each, so the six saved there count.
 
 Test: tests/test_train_kernels.py. Benchmark: benchmarks/train_kernels.py.
 """
