@@ -126,15 +126,15 @@ def go_template(fmt, system_default=""):
         head = ""
     else:
         user = part("user", "{{ .Content }}")
-        head = f"{{{{- if .System }}}}{part('system', '{{ .System }}')}{fallback}{{{{ end }}}}"
+        head = f"{{{{ if .System }}}}{part('system', '{{ .System }}')}{fallback}{{{{ end }}}}"
     before, _, after = fmt.assistant.partition("{}")
-    return (head + "{{- range $i, $_ := .Messages }}"
-            "{{- $last := eq (len (slice $.Messages $i)) 1 }}"
-            f'{{{{- if eq .Role "user" }}}}{user}'
-            f'{{{{- else if eq .Role "assistant" }}}}{_go(before)}{{{{ .Content }}}}{{{{ if not $last }}}}{_go(after)}{{{{ end }}}}'
-            "{{- end }}"
-            f'{{{{- if and (ne .Role "assistant") $last }}}}{_go(fmt.generation)}{{{{ end }}}}'
-            "{{- end }}")
+    return (head + "{{ range $i, $_ := .Messages }}"
+            "{{ $last := eq (len (slice $.Messages $i)) 1 }}"
+            f'{{{{ if eq .Role "user" }}}}{user}'
+            f'{{{{ else if eq .Role "assistant" }}}}{_go(before)}{{{{ .Content }}}}{{{{ if not $last }}}}{_go(after)}{{{{ end }}}}'
+            "{{ end }}"
+            f'{{{{ if and (ne .Role "assistant") $last }}}}{_go(fmt.generation)}{{{{ end }}}}'
+            "{{ end }}")
 
 
 def modelfile_text(template, gguf_name, special):
