@@ -97,10 +97,8 @@ def render_jinja(template, messages, add_generation_prompt=True, special=None):
 
 def default_system(template, fmt, special=None):
     """The system text the template inserts into a conversation that has none ("" if it inserts none)."""
-    probe = "\x01probe\x01"
-    text = render_jinja(template, [{"role": "user", "content": probe}], special=special)
-    if special and special.get("bos") and text.startswith(special["bos"]):
-        text = text[len(special["bos"]):]
+    probe = "\x01probe\x01"  # rendered without BOS: llama.cpp adds it (and SmolLM2's BOS is <|im_start|>)
+    text = render_jinja(template, [{"role": "user", "content": probe}], special={**(special or {}), "bos": ""})
     head = text[: text.index(fmt.turn("user", probe))] if fmt.turn("user", probe) in text else ""
     start, _, end = fmt.system.partition("{}")
     if head.startswith(start) and head.endswith(end) and len(head) >= len(start) + len(end) and not fmt.system_in_user:

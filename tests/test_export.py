@@ -387,7 +387,7 @@ def _go_render(template, conversation, tmp_path):
 
 @pytest.mark.parametrize("kind", TEMPLATES)
 def test_ollama_modelfile_follows_chat_template(tuned, tmp_path, kind):
-    from minilora.modelfile import CHAT_FORMATS, default_system, detect_chat_format
+    from minilora.modelfile import CHAT_FORMATS, detect_chat_format
 
     base = _with_template(tuned["qwen2"][0], tmp_path, TEMPLATES[kind])
     out = str(tmp_path / "ollama")
@@ -399,11 +399,21 @@ def test_ollama_modelfile_follows_chat_template(tuned, tmp_path, kind):
     for stop in fmt.stops:
         assert f"PARAMETER stop {json.dumps(stop)}" in text
     template = text.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
-    hf_tok = tf.AutoTokenizer.from_pretrained(base)
-    system = default_system(TEMPLATES[kind], fmt, {"bos": hf_tok.bos_token})
+    _check_against_transformers(base, TEMPLATES[kind], template, tmp_path)
+
+
+def _check_against_transformers(directory, jinja, go_template, tmp_path):
+    """The family's turn layout (and, with Go installed, the TEMPLATE itself) renders CONVERSATIONS exactly as
+    transformers' apply_chat_template does, BOS aside (llama.cpp adds it)."""
+    from minilora.modelfile import default_system, detect_chat_format
+
+    fmt = detect_chat_format(jinja)
+    hf_tok = tf.AutoTokenizer.from_pretrained(directory)
+    system = default_system(jinja, fmt, {"bos": hf_tok.bos_token})
     for conversation in CONVERSATIONS:
         reference = hf_tok.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
-        reference = reference.removeprefix(hf_tok.bos_token or "")  # llama.cpp adds BOS itself
+        if "bos_token" in jinja:
+            reference = reference.removeprefix(hf_tok.bos_token or "")
         sys_text = next((m["content"] for m in conversation if m["role"] == "system"), system)
         turns = [m for m in conversation if m["role"] != "system"]
         ours = "" if fmt.system_in_user or not sys_text else fmt.turn("system", sys_text)
@@ -412,7 +422,22 @@ def test_ollama_modelfile_follows_chat_template(tuned, tmp_path, kind):
             ours += fmt.turn(m["role"], content)
         assert ours + fmt.generation == reference
         if shutil.which("go"):
-            assert _go_render(template, conversation, tmp_path) == reference
+            assert _go_render(go_template, conversation, tmp_path) == reference
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("name", ("smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct"))
+def test_real_modelfile_follows_chat_template(tmp_path, name):
+    from conftest import real_checkpoint
+
+    from minilora.modelfile import modelfile_text, read_chat_template
+
+    base = real_checkpoint(name)
+    hf_tok = tf.AutoTokenizer.from_pretrained(base)
+    text = modelfile_text(read_chat_template(base), "m.gguf", {"bos": hf_tok.bos_token, "stop": [hf_tok.eos_token]})
+    assert 'PARAMETER stop "<|im_end|>"' in text
+    _check_against_transformers(base, read_chat_template(base), text.split('TEMPLATE """', 1)[1].split('"""', 1)[0],
+                                tmp_path)
 
 
 # ------------------------------------------------------------------------------------ llama.cpp
