@@ -34,8 +34,8 @@ from .hub import resolve_model_dir
 from .lora import ADAPTER_WEIGHTS, FUSED_PARTS, PEFT_PREFIX, check_finite, read_adapter_config
 from .model import Transformer
 from .modelfile import modelfile_text, read_chat_template
-from .nf4 import from_hf_state
-from .weights import QUANT_STATE_SUFFIX, SafetensorsFile, checkpoint_key_map, find_weight_files
+from .nf4 import Linear4bit, from_hf_state
+from .weights import QUANT_STATE_SUFFIX, SafetensorsFile, _is_block_linear, checkpoint_key_map, find_weight_files
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +71,9 @@ class MergedCheckpoint:
     `tensors()`: yields (name, merged tensor) in that order.
     """
 
-    def __init__(self, model_dir, adapter_dir=None):
+    def __init__(self, model_dir, adapter_dir=None, nf4_base=False):
         self.directory = os.path.abspath(model_dir)
+        self.round_to_nf4 = nf4_base  # a float base rounded through NF4, as QLoRA training saw it
         self.config = load_config(self.directory)
         self.raw_config = read_json(os.path.join(self.directory, "config.json"))
         self.files, weight_map = find_weight_files(self.directory)
@@ -93,7 +94,7 @@ class MergedCheckpoint:
         self._expected = {name: list(p.shape) for name, p in model.named_parameters()}
         keys = [(h, k) for h in self.handles for k in h.keys()]
         quantized = {k[: -len(QUANT_STATE_SUFFIX)] for _, k in keys if k.endswith(QUANT_STATE_SUFFIX)}
-        self.nf4 = bool(quantized)
+        self.nf4 = bool(quantized) or self.round_to_nf4
         qconfig = self.raw_config.get("quantization_config") or {}
         compute = qconfig.get("bnb_4bit_compute_dtype") or config.torch_dtype
         self.nf4_dtype = getattr(torch, str(compute).removeprefix("torch."), torch.bfloat16)
@@ -222,7 +223,10 @@ class MergedCheckpoint:
             parts = {k: h.get_tensor(k) for k, h in where.items() if k != prefix + ".bias"}
             return from_hf_state(parts, prefix, self.nf4_dtype, torch.device("cpu"), "torch").dequantize()
         tensor = where.get_tensor(name)
-        return tensor.float() if tensor.dtype == torch.float64 else tensor
+        tensor = tensor.float() if tensor.dtype == torch.float64 else tensor
+        if self.round_to_nf4 and _is_block_linear(name):  # as weights.py quantizes it for training
+            tensor = Linear4bit.from_weight(tensor, backend="torch").dequantize()
+        return tensor
 
     def tensors(self):
         for name, _, dtype in self.entries:
@@ -321,10 +325,12 @@ def write_hf(merged, directory, max_shard_bytes=DEFAULT_SHARD_BYTES):
 
 
 def export_model(model, adapter, out, format="gguf", gguf_type="f16", max_shard_bytes=DEFAULT_SHARD_BYTES,
-                 name=None):
+                 name=None, nf4_base=False):
     """Merge `adapter` (a PEFT LoRA directory, or None for the base alone) into `model` and write `out`.
 
-    model: a checkpoint directory, hub id or short name. Returns a dict describing what was written
+    model: a checkpoint directory, hub id or short name. nf4_base: round a float base's block linears through
+    NF4 before merging, reproducing the base a QLoRA adapter was trained on (automatic for a checkpoint stored
+    in 4 bits). Returns a dict describing what was written
     (`files`, `nf4_base`, `format`, `gguf_type`). See the module docstring for the formats.
     """
     if format not in FORMATS:
@@ -332,7 +338,7 @@ def export_model(model, adapter, out, format="gguf", gguf_type="f16", max_shard_
     if gguf_type not in GGUF_TYPES:
         raise CheckpointError(f"--gguf-type {gguf_type!r}: expected one of {', '.join(GGUF_TYPES)}.")
     directory = resolve_model_dir(model)
-    with MergedCheckpoint(directory, adapter) as merged:
+    with MergedCheckpoint(directory, adapter, nf4_base) as merged:
         plan = None
         if format in ("gguf", "ollama"):  # every check (family, tokenizer, template) before writing
             plan = plan_gguf(merged, gguf_type, name or os.path.basename(merged.directory.rstrip(os.sep)))
@@ -367,6 +373,9 @@ def main(argv=None):
                         help="hf: merged safetensors checkpoint; gguf: one .gguf for llama.cpp; ollama: gguf + Modelfile")
     parser.add_argument("--gguf-type", choices=GGUF_TYPES, default="f16",
                         help="weight type of the 2-D tensors in the .gguf (norms and biases stay f32)")
+    parser.add_argument("--nf4-base", action="store_true",
+                        help="round the float base's block linears through NF4 first: the base a QLoRA adapter was "
+                             "trained on (automatic when the base checkpoint is stored in 4 bits)")
     parser.add_argument("--name", help="model name stored in the .gguf and used for its file name")
     parser.add_argument("--max-shard-size", type=float, default=DEFAULT_SHARD_BYTES / 2**30,
                         help="hf: largest safetensors shard in GiB (peak memory is about one shard)")
@@ -374,7 +383,7 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         info = export_model(args.model, args.adapter, args.out, args.format, args.gguf_type,
-                            int(args.max_shard_size * 2**30), args.name)
+                            int(args.max_shard_size * 2**30), args.name, args.nf4_base)
     except MiniloraError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -143,6 +143,22 @@ def test_hf_export_of_nf4_base_says_so(tuned, tmp_path, capsys):
         torch.testing.assert_close(hf(ids).logits, ours, rtol=1e-4, atol=1e-5)
 
 
+def test_nf4_base_flag_reproduces_qlora_model(tuned, tmp_path):
+    """--nf4-base rounds a float base through NF4 first: the export equals our QLoRA model (NF4 base +
+    adapter) up to the one fp32 rounding of the merge."""
+    base, adapter = tuned["qwen2"]
+    out = str(tmp_path / "hf")
+    info = export_model(base, adapter, out, "hf", nf4_base=True)
+    assert info["nf4_base"]
+    ids, _ = _ids(base)
+    model, _ = load_model(base, quantize="nf4", backend="torch", adapter=adapter)
+    with torch.no_grad():
+        ours = model(ids).float()
+        theirs = tf.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)(ids).logits
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5)
+    assert (theirs - _ours(base, adapter, ids)).abs().max() > 1e-3  # NF4 rounding is visible: the flag did something
+
+
 # ---------------------------------------------------------------------------------------- gguf
 
 def _transformers_gguf(directory, family):
