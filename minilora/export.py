@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 FORMATS = ("hf", "gguf", "ollama")
 GGUF_TYPES = ("f16", "bf16", "q8_0", "q4_0", "q5_0")
-DEFAULT_SHARD_BYTES = 2 * 2**30  # hf output: peak memory is about one shard
+DEFAULT_SHARD_BYTES = 2**30  # hf output: peak memory is about two shards (the shard and its serialized copy)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "chat_template.json")
 
