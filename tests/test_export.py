@@ -465,7 +465,8 @@ def test_llama_cpp_runs_the_gguf(tuned, tmp_path, family):
     base, adapter = tuned[family]
     out = str(tmp_path / "gguf")
     export_model(base, adapter, out, "gguf", "f16")
-    ids, _ = _ids(base, 12)
+    # llama.cpp runs Phi-3 without its sliding window (llama.cpp PR 13676): compare within the window
+    ids, _ = _ids(base, 6 if family == "phi3" else 12)
     llm = llama_cpp.Llama(os.path.join(out, _gguf_file(out)), n_ctx=64, logits_all=True, verbose=False, n_threads=1)
     llm.eval(ids[0].tolist())
     theirs = torch.tensor(np.array(llm.scores[: ids.shape[1]]))
