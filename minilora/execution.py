@@ -215,6 +215,7 @@ class _Sample:
         self.key, self.limits, self.sandboxed, self.start = key, limits, sandboxed, time.monotonic()
         self.deadline = self.start + limits.timeout_s
         self.processes, self.outputs, self.writes, self.result = [], {}, {}, b""
+        self.cut_outputs = []  # (name, _Output) of pipes closed at the output cap
         child_limits = {"memory": limits.memory_mb << 20, "file": limits.file_mb << 20,
                         "cpu": int(limits.timeout_s) + 1, "processes": limits.processes if sandboxed else 0}
         requests_r, requests_w = os.pipe()
@@ -322,7 +323,7 @@ class _Sample:
             notes.append(f"[the answer's process was killed by {signal.Signals(-rc).name}]")
         elif status == "exit" and rc == 0 and verdict == "failed":
             notes.append("[exited with status 0 before its tests finished]")
-        outputs = {name: out.value() for name, out in self.outputs.values()}
+        outputs = {name: out.value() for name, out in [*self.outputs.values(), *self.cut_outputs]}
         parts = [outputs.get("stderr", ""), final.get("message", "")]
         if verdict == "sandbox-error":
             parts.append(outputs.get("tests", ""))
@@ -394,7 +395,7 @@ def run_samples(jobs, limits=Limits(), workers=1, allow_unsandboxed=False):
                     selector.unregister(fd)
                     if what == "output" and sample.outputs[fd][1].cut:
                         os.close(fd)  # past the cap: the writer gets EPIPE from now on
-                        sample.outputs.pop(fd)
+                        sample.cut_outputs.append(sample.outputs.pop(fd))
             now = time.monotonic()
             for sample in list(active):
                 timed_out = sample not in done and now >= sample.deadline

@@ -86,7 +86,7 @@ def filesystem_args():
 def bwrap_command(limits, extra_fds=()):
     """The bwrap argument list up to (not including) the command; `extra_fds` are info/block fds."""
     info_fd, block_fd = extra_fds
-    return ["bwrap", "--unshare-all", "--unshare-user", "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID),
+    return [shutil.which("bwrap") or "bwrap", "--unshare-all", "--unshare-user", "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID),
             "--die-with-parent", "--new-session", "--hostname", "sandbox",
             *filesystem_args(), "--proc", "/proc", "--dev", "/dev",
             "--size", str(limits.file_mb << 20), "--perms", "1777", "--tmpfs", "/tmp",
@@ -301,22 +301,29 @@ class SandboxedProcess:
         info_r, info_w = os.pipe()
         block_r, block_w = os.pipe()
         try:
+            # bwrap itself gets no environment either: its init process (pid 1 inside) is readable from inside
             self.popen = subprocess.Popen(bwrap_command(limits, (info_w, block_r)) + list(command), stdin=stdin,
                                           stdout=stdout, stderr=stderr, pass_fds=(*pass_fds, info_w, block_r),
-                                          start_new_session=True)
+                                          start_new_session=True, env={"PATH": os.defpath}, cwd="/")
         finally:
             os.close(info_w)
             os.close(block_r)
         try:
             child = self._read_child_pid(info_r)
             if child is not None:
-                self.pidfd = os.pidfd_open(child)  # bwrap's child waits on --block-fd: it cannot have exited
-                groups = cgroups()
-                if groups is not None:
-                    self.cgroup = groups.create(limits.memory_mb << 20, limits.processes + 4)  # + bwrap's own
-                    for pid in (self.popen.pid, child):
-                        groups.add(self.cgroup, pid)
-            os.write(block_w, b"1")  # go: from here on every process it starts is in the cgroup
+                try:  # bwrap's child waits on --block-fd, unless its set-up failed (then it is gone: no matter)
+                    self.pidfd = os.pidfd_open(child)
+                    groups = cgroups()
+                    if groups is not None:  # + 2 tasks: bwrap outside and its init inside
+                        self.cgroup = groups.create(limits.memory_mb << 20, limits.processes + 2)
+                        for pid in (self.popen.pid, child):
+                            groups.add(self.cgroup, pid)
+                except ProcessLookupError:
+                    pass
+            try:
+                os.write(block_w, b"1")  # go: from here on every process it starts is in the cgroup
+            except BrokenPipeError:
+                pass
         except BaseException:
             self.kill()
             raise
