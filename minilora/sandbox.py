@@ -326,6 +326,8 @@ class SandboxedProcess:
                 pass
         except BaseException:
             self.kill()
+            self.popen.wait()
+            self.release()
             raise
         finally:
             os.close(info_r)
