@@ -59,7 +59,7 @@ from .sandbox import (INSTALL_HINT, Limits, SandboxedProcess, cgroups, rlimit_ga
 log = logging.getLogger(__name__)
 
 __all__ = ["ExecResult", "Limits", "SandboxError", "load_problems", "check_completion", "check_completions",
-           "run_samples", "evaluate_pass_at_k", "pass_at_k_scores", "sandbox_available", "sandbox_report"]
+           "run_samples", "evaluate_pass_at_k", "use_sandbox", "pass_at_k_scores", "sandbox_available", "sandbox_report"]
 
 _FDS = ("requests", "replies", "result")  # the pipe ends a runner's config names, passed to its process
 _TAIL = 2000  # characters of stderr/stdout kept per sample
@@ -169,7 +169,7 @@ def test_spec(problem):
 
 # ------------------------------------------------------------------------------------------- running
 
-def _use_sandbox(allow_unsandboxed):
+def use_sandbox(allow_unsandboxed=False):
     """True to run under bwrap; False (with a loud warning) only when opted out and bwrap is unavailable."""
     ok, why = sandbox_status()
     if ok:
@@ -180,7 +180,7 @@ def _use_sandbox(allow_unsandboxed):
                            "--unsafe-no-sandbox (evaluate.py) or allow_unsandboxed=True (Python).")
     message = UNSANDBOXED_WARNING.format(why=why)
     log.warning(message)
-    warnings.warn(message, RuntimeWarning, stacklevel=3)
+    warnings.warn(message, RuntimeWarning, stacklevel=2)
     return False
 
 
@@ -353,7 +353,7 @@ def _returncode(rc):
 def run_samples(jobs, limits=Limits(), workers=1, allow_unsandboxed=False):
     """Run (key, problem, completion) jobs, `workers` at a time from this one thread; yield (key, ExecResult)
     as each finishes. SandboxError before anything runs if bubblewrap is unavailable (module docstring)."""
-    sandboxed = _use_sandbox(allow_unsandboxed)
+    sandboxed = use_sandbox(allow_unsandboxed)
     if sandboxed:
         cgroups()  # set up once, before the first sample (or log that rlimits are all there is)
     pending, active = iter(jobs), []
