@@ -363,10 +363,10 @@ EVAL_OUTPUTS = ("predictions.jsonl", "completions.jsonl", "summary.json", "summa
 
 def check_eval_out(config):
     """--out checks before the model loads (outdir.py); never inside the model or adapter directory."""
-    check_out_dir(config.out, resume=config.resume, overwrite=config.overwrite)
     for path, what in ((config.model, "the model directory"), (config.adapter, "the adapter directory")):
         if path and os.path.isdir(path):
             check_not_inside(config.out, path, what)
+    check_out_dir(config.out, resume=config.resume, overwrite=config.overwrite)
 
 
 def _completion_settings(config, samples, stop):

@@ -423,6 +423,8 @@ def _train(config: TrainConfig):
     from .loading import load_model
 
     config.validate()
+    if os.path.isdir(config.model):  # a local base: never write into it (a hub id is checked once resolved)
+        check_not_inside(config.out, config.model, "the base model directory")
     check_out_dir(config.out, resume=config.resume, overwrite=config.overwrite)  # before anything is loaded
     out = os.path.abspath(config.out)
     device, dtype = resolve_device_and_dtype(config)
