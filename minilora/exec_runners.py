@@ -126,6 +126,7 @@ def main(config):
         flush(); send({"exit": repr(e.code)}); leave(0)
     except BaseException:
         flush(); send({"error": tail(ours_removed(traceback.format_exc()))}); leave(0)
+    flush()
     send({"ready": [k for k, v in list(namespace.items()) if isinstance(k, str) and k.isidentifier()
                     and not k.startswith("__") and callable(v) and not isinstance(v, type)]})
     for line in requests:

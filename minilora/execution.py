@@ -54,7 +54,7 @@ from .errors import DataError, SandboxError
 from .exec_runners import ANSWER, TESTS
 from .metrics import pass_at_k
 from .sandbox import (INSTALL_HINT, Limits, SandboxedProcess, cgroups, rlimit_gap, sandbox_available,
-                      sandbox_status)
+                      sandbox_status, sandbox_user)
 
 log = logging.getLogger(__name__)
 
@@ -428,8 +428,11 @@ def sandbox_report():
     ok, why = sandbox_status()
     if not ok:
         return {"sandbox": "none", "why": why}
-    groups = cgroups()
-    return {"sandbox": "bubblewrap", "namespaces": ["user", "pid", "net", "ipc", "uts", "mount", "cgroup"],
+    groups, user = cgroups(), sandbox_user()
+    outside = ("nobody" if user else "root (this interpreter is not readable by nobody)") if os.geteuid() == 0 else \
+        "this user"
+    return {"sandbox": "bubblewrap", "user_outside": outside,
+            "namespaces": ["user", "pid", "net", "ipc", "uts", "mount", "cgroup"],
             "root": "read-only", "writable": "private tmpfs /tmp",
             "limits": f"cgroup v{groups.version} memory + pids" if groups else f"rlimits only: {rlimit_gap()}"}
 

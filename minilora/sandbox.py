@@ -4,10 +4,12 @@
 A sandboxed process is `bwrap ... python -I -c RUNNER ...` (bubblewrap, the tool Flatpak uses; see
 `bwrap(1)`), with:
   - new user, PID, network, IPC, UTS, mount (and, where the kernel has it, cgroup) namespaces; uid and gid
-    65534 inside; no capabilities; `--die-with-parent`; a new session;
+    65534 inside; no capabilities; `--die-with-parent`; a new session. Run as root, bwrap itself is started
+    as nobody, so that the sample is nobody outside as well (`sandbox_user`);
   - a root file system of its own, read-only (`--remount-ro /`): /usr and the /bin, /lib* links, two files
     of /etc (ld.so.cache, localtime) and this interpreter's install trees, nothing else of the host
-    (no home directories, no /etc secrets, no project files, no /sys); fresh /proc and a minimal /dev;
+    (no home directories, no /etc secrets, no project files, no /sys); a fresh /proc without /proc/sys,
+    and a minimal /dev;
   - one writable place: a private tmpfs on /tmp of `Limits.file_mb`, also the working directory and HOME;
   - an empty environment (`--clearenv`, then PATH, HOME, LANG and one BLAS thread);
   - where this process may create cgroups (root on cgroup v1, or a delegated v2 subtree): a memory limit over
@@ -89,6 +91,8 @@ def bwrap_command(limits, extra_fds=()):
     return [shutil.which("bwrap") or "bwrap", "--unshare-all", "--unshare-user", "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID),
             "--die-with-parent", "--new-session", "--hostname", "sandbox",
             *filesystem_args(), "--proc", "/proc", "--dev", "/dev",
+            # sysctls: mapped to root outside (see sandbox_user), the sample could otherwise write them
+            "--size", "4096", "--tmpfs", "/proc/sys", "--remount-ro", "/proc/sys",
             "--size", str(limits.file_mb << 20), "--perms", "1777", "--tmpfs", "/tmp",
             "--remount-ro", "/dev", "--remount-ro", "/", "--chdir", "/tmp", "--clearenv",
             *[a for k, v in sandbox_env("/tmp").items() for a in ("--setenv", k, v)],
@@ -249,13 +253,10 @@ def cgroups():
 
 # ------------------------------------------------------------------------------------ availability
 
-@functools.lru_cache(maxsize=None)
-def sandbox_status():
-    """(True, "") if bwrap can start a sandboxed interpreter here, else (False, why). Tried once."""
-    if shutil.which("bwrap") is None:
-        return False, "bubblewrap (`bwrap`) is not installed"
+def _trial(user):
+    """(True, "") if bwrap, started as `user` (uid, gid) or as ourselves (None), runs this interpreter."""
     try:
-        proc = SandboxedProcess([sys.executable, "-I", "-S", "-c", "pass"], Limits(), sandboxed=True,
+        proc = SandboxedProcess([sys.executable, "-I", "-S", "-c", "pass"], Limits(), sandboxed=True, user=user,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     except OSError as e:
         return False, f"bwrap could not start ({e})"
@@ -263,12 +264,37 @@ def sandbox_status():
         _, err = proc.popen.communicate(timeout=30)
     except subprocess.TimeoutExpired:
         proc.kill()
+        proc.popen.wait()
         return False, "bwrap did not finish a trial run within 30 s"
     finally:
         proc.release()
     if proc.popen.returncode != 0:
         return False, f"bwrap failed a trial run: {err.decode(errors='replace').strip()[-300:]}"
     return True, ""
+
+
+@functools.lru_cache(maxsize=None)
+def sandbox_user():
+    """Who bwrap runs as: (65534, 65534) when we are root and `nobody` can run this interpreter, else None
+    (ourselves). As root, bwrap started as root would map the sandbox's user to root outside: the kernel
+    would then treat the sample as root for permission checks on everything it can see (the read-only
+    mounts and the hidden /proc/sys still hold). Started as nobody, the sample is nobody outside too."""
+    if os.geteuid() != 0 or shutil.which("bwrap") is None:
+        return None
+    ok, why = _trial((SANDBOX_UID, SANDBOX_UID))
+    if not ok:
+        log.warning("sandbox: bwrap cannot run this interpreter as nobody (%s; an interpreter under a private "
+                    "home?): samples run as a user mapped to root outside. Use a system-wide Python to avoid it.", why)
+        return None
+    return SANDBOX_UID, SANDBOX_UID
+
+
+@functools.lru_cache(maxsize=None)
+def sandbox_status():
+    """(True, "") if bwrap can start a sandboxed interpreter here, else (False, why). Tried once."""
+    if shutil.which("bwrap") is None:
+        return False, "bubblewrap (`bwrap`) is not installed"
+    return _trial(sandbox_user())
 
 
 def sandbox_available():
@@ -291,7 +317,7 @@ class SandboxedProcess:
     `kill()` ends it and everything it started. Call `release()` once it is reaped.
     """
 
-    def __init__(self, command, limits, sandboxed, pass_fds=(), stdin=None, stdout=None, stderr=None):
+    def __init__(self, command, limits, sandboxed, pass_fds=(), stdin=None, stdout=None, stderr=None, user="auto"):
         self.sandboxed, self.cgroup, self.pidfd, self.workdir = sandboxed, None, None, None
         if not sandboxed:
             self.workdir = tempfile.mkdtemp(prefix="minilora-exec-")
@@ -302,9 +328,11 @@ class SandboxedProcess:
         block_r, block_w = os.pipe()
         try:
             # bwrap itself gets no environment either: its init process (pid 1 inside) is readable from inside
+            user = sandbox_user() if user == "auto" else user
+            as_user = {} if user is None else {"user": user[0], "group": user[1], "extra_groups": []}
             self.popen = subprocess.Popen(bwrap_command(limits, (info_w, block_r)) + list(command), stdin=stdin,
                                           stdout=stdout, stderr=stderr, pass_fds=(*pass_fds, info_w, block_r),
-                                          start_new_session=True, env={"PATH": os.defpath}, cwd="/")
+                                          start_new_session=True, env={"PATH": os.defpath}, cwd="/", **as_user)
         finally:
             os.close(info_w)
             os.close(block_r)

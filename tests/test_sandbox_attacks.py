@@ -116,6 +116,15 @@ def test_only_tmp_is_writable_and_it_is_private(tmp_path):
     assert not os.path.exists("/tmp/x") or os.path.getmtime("/tmp/x") < time.time() - 60
 
 
+def test_kernel_settings_are_out_of_reach():
+    """/proc/sys is hidden (opened for writing only, never written: a failure here must not change the host)."""
+    code = ("import os\nfor p in ['/proc/sys/vm/swappiness', '/proc/sys/kernel/panic', '/proc/sysrq-trigger', '/sys/kernel']:\n"
+            "    try:\n        os.close(os.open(p, os.O_WRONLY))\n        print('open', p)\n"
+            "    except OSError as e:\n        print('no', p)\n")
+    result = run(attack(code))
+    assert result.status == "passed" and "open" not in result.stdout_tail and result.stdout_tail.count("no ") == 4, result
+
+
 def test_disk_fill_stops_at_the_tmpfs_size():
     code = ("written = 0\ntry:\n    with open('/tmp/fill', 'wb') as f:\n        while True:\n"
             "            f.write(b'x' * 65536); f.flush(); written += 65536\nexcept OSError as e:\n"
@@ -280,3 +289,40 @@ def test_sandbox_that_cannot_start_is_reported(monkeypatch):
     monkeypatch.setattr(sandbox, "filesystem_args", lambda: ["--ro-bind", "/nonexistent-minilora", "/x"])
     result = run(RIGHT)
     assert result.status == "sandbox-error" and "nonexistent-minilora" in result.stderr_tail, result
+
+
+def test_as_root_the_sample_is_nobody_outside(monkeypatch):
+    """Run as root with an interpreter that nobody can read, bwrap itself starts as nobody: a sample's
+    processes are uid 65534 on the host, not root (root-mapped, it would pass root's permission checks)."""
+    import threading
+
+    if os.geteuid() != 0 or not os.access("/usr/bin/python3", os.X_OK):
+        pytest.skip("needs root and a system-wide /usr/bin/python3")
+    monkeypatch.setattr(sys, "executable", "/usr/bin/python3")
+    monkeypatch.setattr(sandbox, "_python_trees", lambda: [])  # /usr is bound anyway
+    for cached in (sandbox.sandbox_user, sandbox.sandbox_status):
+        cached.cache_clear()
+    marker, uids = "41.4142", set()
+
+    def watch():
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline and not uids:
+            for pid in leftovers(marker):
+                try:
+                    with open(f"/proc/{pid}/status") as f:
+                        uids.add(next(int(line.split()[1]) for line in f if line.startswith("Uid:")))
+                except (OSError, StopIteration):
+                    pass
+            time.sleep(0.02)
+
+    try:
+        assert sandbox.sandbox_user() == (65534, 65534)
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        result = run(attack(f"import subprocess, time\nsubprocess.Popen(['sleep', '{marker}'])\ntime.sleep(1)\n"))
+        watcher.join()
+        assert result.status == "passed", result
+        assert uids == {65534}, uids
+    finally:
+        for cached in (sandbox.sandbox_user, sandbox.sandbox_status):
+            cached.cache_clear()
