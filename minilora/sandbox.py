@@ -149,6 +149,10 @@ class Cgroups:
             self.version = 2
         else:
             raise OSError("no cgroup v1 memory/pids hierarchy and no cgroup v2 tree")
+        for parent in self.parents.values():
+            _remove_stale(os.path.dirname(parent))
+        trial = self.create(64 << 20, 8)  # limits can really be set here (else: rlimits only)
+        self.remove(trial)
 
     def create(self, memory_bytes, pids):
         """A new child cgroup (dict controller -> path) limited to `memory_bytes` and `pids` tasks."""
@@ -205,6 +209,24 @@ class Cgroups:
                         _kill(pid)
                     try:
                         os.rmdir(full)
+                    except OSError:
+                        pass
+            try:
+                os.rmdir(parent)
+            except OSError:
+                pass
+
+
+def _remove_stale(directory):
+    """Remove the empty cgroups of evaluators that were killed before they could clean up."""
+    for name in os.listdir(directory):
+        pid = name.removeprefix("minilora-exec-")
+        if name.startswith("minilora-exec-") and pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            parent = os.path.join(directory, name)
+            for child in os.listdir(parent):
+                if os.path.isdir(os.path.join(parent, child)):
+                    try:
+                        os.rmdir(os.path.join(parent, child))
                     except OSError:
                         pass
             try:
