@@ -42,6 +42,7 @@ rlimits only, and the answer can read, write and signal whatever the evaluator's
 import json
 import logging
 import os
+import select
 import selectors
 import signal
 import sys
@@ -230,6 +231,7 @@ class _Sample:
             self.tests = self._start(TESTS, tests, json.dumps(test_spec(problem)), ("tests",))
         except BaseException:
             os.close(result_r)
+            self.stop()
             self.close()
             raise
         finally:
@@ -282,23 +284,26 @@ class _Sample:
 
     def finish(self, timed_out):
         """Kill both sandboxes, reap them, and decide the verdict."""
-        statuses = [json.loads(line) for line in self.result.decode("utf-8", errors="replace").splitlines()
-                    if line.startswith("{")]
-        final = statuses[-1] if statuses else {}
+        statuses = []
+        for line in self.result.decode("utf-8", errors="replace").splitlines():
+            try:
+                statuses.append(json.loads(line))
+            except ValueError:
+                pass
+        final = statuses[-1] if statuses and isinstance(statuses[-1], dict) else {}
         if final.get("status") == "exit" and not timed_out:  # give the answer a moment to report its own exit
             try:
                 self.answer.popen.wait(timeout=max(0.0, min(1.0, self.deadline - time.monotonic())))
             except Exception:
                 pass
         answer_rc = self.answer.popen.poll()  # None: still serving calls when the tests ended (killed next)
-        for process in self.processes:
-            process.kill()
-        for process in self.processes:
-            process.popen.wait()
-        for fd, (_, out) in list(self.outputs.items()):  # what is left in the pipes (bounded by the cap)
-            os.set_blocking(fd, True)
-            while out.read():
-                pass
+        self.stop()
+        open_outputs = {fd: out for fd, (_, out) in self.outputs.items()}  # drain what is left in the pipes,
+        drain_until = time.monotonic() + 1.0  # briefly: unsandboxed, a setsid() child may still hold one open
+        while open_outputs and time.monotonic() < drain_until:
+            for fd in select.select(list(open_outputs), [], [], max(0.0, drain_until - time.monotonic()))[0]:
+                if not open_outputs[fd].read():
+                    del open_outputs[fd]
         rc = _returncode(answer_rc)
         oom = any(p.out_of_memory() for p in self.processes)
         notes = []
@@ -331,6 +336,13 @@ class _Sample:
         self.close()
         return ExecResult(verdict, rc, stderr[-_TAIL:], outputs.get("stdout", "")[-_TAIL:],
                           time.monotonic() - self.start)
+
+    def stop(self):
+        """Kill both sandboxes (everything in them) and reap them."""
+        for process in self.processes:
+            process.kill()
+        for process in self.processes:
+            process.popen.wait()
 
     def close(self):
         for fd in list(self.outputs) + list(self.writes) + ([self.result_fd] if hasattr(self, "result_fd") else []):
@@ -407,10 +419,7 @@ def run_samples(jobs, limits=Limits(), workers=1, allow_unsandboxed=False):
                     yield sample.key, sample.finish(timed_out)
     finally:
         for sample in active:  # the caller stopped early, or an error: nothing may keep running
-            for process in sample.processes:
-                process.kill()
-            for process in sample.processes:
-                process.popen.wait()
+            sample.stop()
             sample.close()
         selector.close()
 
