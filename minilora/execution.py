@@ -362,9 +362,16 @@ def _returncode(rc):
     return rc
 
 
-def run_samples(jobs, limits=Limits(), workers=1, allow_unsandboxed=False):
-    """Run (key, problem, completion) jobs, `workers` at a time from this one thread; yield (key, ExecResult)
-    as each finishes. SandboxError before anything runs if bubblewrap is unavailable (module docstring)."""
+def default_workers():
+    """Samples in flight at once: two per core (a sample mostly waits for its two interpreters to start), at most 8."""
+    return min(8, 2 * (os.cpu_count() or 1))
+
+
+def run_samples(jobs, limits=Limits(), workers=None, allow_unsandboxed=False):
+    """Run (key, problem, completion) jobs, `workers` at a time (default: `default_workers()`) from this one
+    thread; yield (key, ExecResult) as each finishes. SandboxError before anything runs if bubblewrap is
+    unavailable (module docstring)."""
+    workers = workers or default_workers()
     sandboxed = use_sandbox(allow_unsandboxed)
     if sandboxed:
         cgroups()  # set up once, before the first sample (or log that rlimits are all there is)
@@ -448,8 +455,8 @@ def sandbox_report():
 
 # ------------------------------------------------------------------------------------------- pass@k
 
-def check_completions(problems, completions, limits=Limits(), workers=1, allow_unsandboxed=False):
-    """ExecResults, completions[i][j] -> result[i][j]; `workers` samples run at the same time."""
+def check_completions(problems, completions, limits=Limits(), workers=None, allow_unsandboxed=False):
+    """ExecResults, completions[i][j] -> result[i][j]; `workers` samples run at the same time (run_samples)."""
     if len(problems) != len(completions):
         raise ValueError(f"{len(problems)} problems but completions for {len(completions)}.")
     for problem in problems:
@@ -476,6 +483,6 @@ def pass_at_k_scores(results, ks=(1,)):
     return scores
 
 
-def evaluate_pass_at_k(problems, completions, ks=(1,), limits=Limits(), workers=1, allow_unsandboxed=False):
+def evaluate_pass_at_k(problems, completions, ks=(1,), limits=Limits(), workers=None, allow_unsandboxed=False):
     """Run every completion of every problem and return {"pass@k": ...} for each k in `ks`."""
     return pass_at_k_scores(check_completions(problems, completions, limits, workers, allow_unsandboxed), ks)
