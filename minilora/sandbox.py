@@ -193,46 +193,37 @@ class Cgroups:
     @staticmethod
     def remove(paths):
         for path in paths.values():
-            for pid in _read_pids(path):  # normally none: the namespace is gone
-                _kill(pid)
-            try:
-                os.rmdir(path)
-            except OSError:
-                pass  # still emptying; the parent is removed at exit (best effort)
+            _remove_cgroup(path)  # may still be emptying; the parent is removed at exit (best effort)
 
     def close(self):
         for parent in self.parents.values():
-            for child in os.listdir(parent) if os.path.isdir(parent) else ():
-                full = os.path.join(parent, child)
-                if os.path.isdir(full):
-                    for pid in _read_pids(full):
-                        _kill(pid)
-                    try:
-                        os.rmdir(full)
-                    except OSError:
-                        pass
-            try:
-                os.rmdir(parent)
-            except OSError:
-                pass
+            _remove_cgroup_tree(parent)
+
+
+def _remove_cgroup(path):
+    for pid in _read_pids(path):  # normally none: the namespace is gone
+        _kill(pid)
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass
+
+
+def _remove_cgroup_tree(parent):
+    """A parent cgroup and its children (a cgroup directory holds only control files besides them)."""
+    if os.path.isdir(parent):
+        for child in os.listdir(parent):
+            if os.path.isdir(os.path.join(parent, child)):
+                _remove_cgroup(os.path.join(parent, child))
+    _remove_cgroup(parent)
 
 
 def _remove_stale(directory):
-    """Remove the empty cgroups of evaluators that were killed before they could clean up."""
+    """Remove the cgroups of evaluators that were killed before they could clean up."""
     for name in os.listdir(directory):
         pid = name.removeprefix("minilora-exec-")
         if name.startswith("minilora-exec-") and pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
-            parent = os.path.join(directory, name)
-            for child in os.listdir(parent):
-                if os.path.isdir(os.path.join(parent, child)):
-                    try:
-                        os.rmdir(os.path.join(parent, child))
-                    except OSError:
-                        pass
-            try:
-                os.rmdir(parent)
-            except OSError:
-                pass
+            _remove_cgroup_tree(os.path.join(directory, name))
 
 
 def _write(path, name, value, missing_ok=False):
