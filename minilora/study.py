@@ -11,8 +11,9 @@ tuned model, execution pass@1 for every cell, and untuned larger reference model
 and, for each of `--reference-models`, the untuned model in its chat format (Alpaca without a template). A
 cell is ROUGE-L on the held-out split (evaluation.evaluate_rouge) and, when held-out programming problems are
 there (`--problems FILE`, else the package's embedded task set when installed), execution pass@1 of greedy
-answers run in the sandbox (evaluation.evaluate_problems, into the cell's `pass1/`). `--limit` caps the rows
-and the problems of every cell alike, so all rows of the table score the same items.
+answers run in the sandbox (evaluation.evaluate_problems, into the cell's `pass1/`). `--limit N` caps every
+cell alike, so all rows of the table score the same items: the first N held-out rows, and N problems spread
+evenly over the problem list (problem files are often grouped by kind).
 
 Tuning uses `--prompt-format` (auto: the chat template when the model has one, else Alpaca). The headline
 gain is tuned / (the better untuned baseline) - 1, so a gain that is only the prompt format does not count;
@@ -77,13 +78,17 @@ def held_out_problems(config):
     from .execution import load_problems
 
     if config.problems:
-        return load_problems(config.problems)
-    try:
-        from . import tasks
-    except ImportError:
-        log.warning("study: no --problems file and no embedded task set: pass@1 is not scored")
-        return None
-    return tasks.held_out_problems(seed=0)
+        problems = load_problems(config.problems)
+    else:
+        try:
+            from . import tasks
+        except ImportError:
+            log.warning("study: no --problems file and no embedded task set: pass@1 is not scored")
+            return None
+        problems = tasks.held_out_problems(seed=0)
+    if config.limit and config.limit < len(problems):  # evenly spaced: problem files are often grouped by kind
+        problems = [problems[i * len(problems) // config.limit] for i in range(config.limit)]
+    return problems
 
 
 def train_config_for(config, model, out, seed_offset=0, prompt_format="auto"):
@@ -157,7 +162,7 @@ def run_study(config):
     problems = held_out_problems(config)
 
     def save():
-        study["table"] = study_table(study, tuned, references, config.seeds)
+        study["table"] = study_table(study, tuned, references)
         write_atomic(path, json.dumps({k: v for k, v in study.items() if k != "table"}, indent=1) + "\n")
         write_atomic(os.path.join(out, "study.md"), study["table"])
 
@@ -198,7 +203,7 @@ def run_study(config):
                     save()
                 cell(run, "tuned", run["train"]["adapter"], run["train"]["prompt_format"],
                      os.path.join(here, f"tuned-seed{s}"))
-            record["summary"] = summarize(record, config.seeds)
+            record["summary"] = summarize(record)
             save()
         except MiniloraError as e:
             log.error("study: %s failed: %s", name, e)
@@ -227,9 +232,11 @@ def _gain(after, before):
     return None if after is None or not before else after / before - 1
 
 
-def summarize(record, seeds):
-    """Means and spreads over the tuned seeds, the two gains per metric, and which baseline was the better."""
-    runs = [record["runs"][str(s)]["tuned"] for s in range(seeds) if "tuned" in record.get("runs", {}).get(str(s), {})]
+def summarize(record):
+    """Means and spreads over every finished tuning run (a later, smaller --seeds keeps the earlier runs), the
+    two gains per metric, and which baseline was the better."""
+    runs = [run["tuned"] for _, run in sorted(record.get("runs", {}).items(), key=lambda kv: int(kv[0]))
+            if "tuned" in run]
     summary = {"seeds": len(runs)}
     for metric in ("rouge_l", "rouge_l_code", "pass@1"):
         alpaca = (record.get("untuned_alpaca") or {}).get(metric)
@@ -260,7 +267,7 @@ def _gain_sd(pair):
     return "—" if mean is None else f"{100 * mean:+.1f}%" + ("" if sd is None else f" ± {100 * sd:.1f}")
 
 
-def study_table(study, tuned, references, seeds=1):
+def study_table(study, tuned, references):
     """The study's markdown: the main table, the answers' lengths, and the larger-reference verdict."""
     lines = ["| model | metric | untuned, Alpaca | untuned, chat | tuned (mean ± sd) | gain vs better untuned | "
              "gain vs untuned Alpaca | rows / problems |", "|---|---|---|---|---|---|---|---|"]
@@ -280,7 +287,7 @@ def study_table(study, tuned, references, seeds=1):
                 lines.append(f"| {name} (reference, untuned) | {label} | {_pct(alpaca)} | {_pct(chat)} | — | — | — | "
                              f"{counts} |")
         else:
-            summary = record.get("summary") or summarize(record, seeds)
+            summary = record.get("summary") or summarize(record)
             n_seeds = summary["seeds"]
             for metric, label in (("rouge_l", "ROUGE-L"), ("rouge_l_code", "code ROUGE-L"), ("pass@1", "pass@1")):
                 m = summary[metric]

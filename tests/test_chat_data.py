@@ -188,3 +188,49 @@ def test_generation_stops_at_the_end_of_turn_token_on_gpu(tmp_path, device):
     for use_graph in (False, True):  # eager and the graphed greedy decoder with its stop-id buffer
         assert generate(model, [prompt], 12, stop_ids=tok.stop_ids, use_graph=use_graph)[0] == unstopped[:k]
         assert generate(model, [prompt, prompt[2:]], 12, stop_ids=tok.stop_ids, use_graph=use_graph)[0] == unstopped[:k]
+
+
+# ------------------------------------------------------------------------------------ train, evaluate
+
+def test_train_and_evaluate_chat_data_in_the_chat_format(tmp_path, capsys):
+    """train.py on messages JSONL trains in the chat format (auto) and records it; evaluate.py with the
+    adapter scores in that format, and its predictions equal peft + transformers' greedy generate on
+    transformers' own `apply_chat_template(..., add_generation_prompt=True)` ids."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    import evaluate
+    import train
+    from tiny import make_checkpoint
+
+    base = str(tmp_path / "base")
+    hf = make_checkpoint("llama", base, seed=5)
+    make_chat_tokenizer(base)
+    rows = [{"messages": [{"role": "user", "content": f"Add {i} to x."},
+                          {"role": "assistant", "content": f"x + {i}"}]} for i in range(16)]
+    data_file = write(tmp_path / "chat.jsonl", rows)
+    run = tmp_path / "run"
+    assert train.main(["--model", base, "--data", data_file, "--out", str(run), "--quantize", "none", "--max-steps",
+                       "3", "--micro-batch-size", "2", "--grad-accum-steps", "1", "--lora-r", "4",
+                       "--test-fraction", "0.25", "--no-progress", "--no-gradient-checkpointing", "--save-every", "0",
+                       "--eval-every", "0", "--device", "cpu"]) == 0
+    recorded = json.loads((run / "train_config.json").read_text())
+    assert (recorded["data_format"], recorded["prompt_format"]) == ("chat", "chat")
+    out = tmp_path / "eval"
+    assert evaluate.main(["--model", base, "--adapter", str(run / "adapter"), "--out", str(out), "--quantize", "none",
+                          "--max-new-tokens", "6", "--no-progress", "--device", "cpu"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert summary["prompt_format"] == "chat" and summary["n"] == 4
+
+    _, test = data.split_records(data.load_records(data_file), test_fraction=0.25, seed=0)
+    hf_tok, tok = AutoTokenizer.from_pretrained(base), load_tokenizer(base)
+    peft_model = PeftModel.from_pretrained(hf, str(run / "adapter")).eval()
+    for record, row in zip(test, predictions):
+        ids = hf_tok.apply_chat_template(record["messages"][:-1], add_generation_prompt=True)
+        ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        with torch.no_grad():
+            new = peft_model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False, pad_token_id=0,
+                                      eos_token_id=tok.stop_ids)[0, len(ids):].tolist()
+        new = new[:next((i for i, t in enumerate(new) if t in tok.stop_ids), len(new))]
+        assert row["prediction"] == tok.decode(new).strip() and row["messages"] == record["messages"][:-1]
