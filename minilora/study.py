@@ -197,7 +197,8 @@ def run_study(config):
                     start = time.perf_counter()
                     train_config = train_config_for(config, name, os.path.join(here, f"train-seed{s}"), s, fmt)
                     result = train(train_config)
-                    run["train"] = {**{k: result[k] for k in ("steps", "train_loss", "eval_loss", "adapter")},
+                    run["train"] = {**{k: result[k] for k in ("steps", "train_loss", "eval_loss")},
+                                    "adapter": os.path.join(train_config.out, "adapter"),  # relative if --out is
                                     "seed": train_config.seed, "prompt_format": fmt,
                                     "seconds": round(time.perf_counter() - start, 1)}
                     save()
