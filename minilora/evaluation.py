@@ -359,8 +359,9 @@ def summary_table(summary):
         row = (f"| {name} | {summary['n']} | {summary['samples_per_problem']} | "
                + " | ".join(_pct(summary[k]) for k in pass_keys) + f" | {speed} | {summary['seconds']:.0f} |")
     else:
-        head = "| model | split | n | ROUGE-L | code ROUGE-L | tokens/s | seconds |"
-        row = (f"| {name} | {summary['split']} (seed {summary['split_seed']}) | {summary['n']} | "
+        head = "| model | split | prompt format | n | ROUGE-L | code ROUGE-L | tokens/s | seconds |"
+        row = (f"| {name} | {summary['split']} (seed {summary['split_seed']}) | {summary.get('prompt_format', '—')} | "
+               f"{summary['n']} | "
                f"{_pct(summary['rouge_l'])} | {_pct(summary['rouge_l_code'])} | {speed} | {summary['seconds']:.0f} |")
     sep = "|" + "|".join("---" for _ in range(head.count("|") - 1)) + "|"
     return "\n".join([head, sep, row]) + "\n"

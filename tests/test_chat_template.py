@@ -95,8 +95,9 @@ def check_against_transformers(directory, conversations, tagged_template=None):
     return tok
 
 
-def check_mask_is_content_and_end_of_turn(tok, messages):
-    """The masked tokens, run by run, decode to exactly each assistant turn's content and its end-of-turn token."""
+def check_mask_is_content_and_end_of_turn(tok, messages, strip=False):
+    """The masked tokens, run by run, decode to exactly each assistant turn's content (stripped, for templates
+    that trim it) and its end-of-turn token."""
     ids, mask, end_of_turn = tok.chat_template.encode_with_mask(messages)
     runs, current = [], None
     for t, m in zip(ids, mask):
@@ -106,7 +107,7 @@ def check_mask_is_content_and_end_of_turn(tok, messages):
             runs.append(current)
             current = None
     runs += [current] if current else []
-    turns = [m["content"] for m in messages if m["role"] == "assistant"]
+    turns = [m["content"].strip() if strip else m["content"] for m in messages if m["role"] == "assistant"]
     assert len(runs) == len(turns) == len(end_of_turn)
     for run, content, eot in zip(runs, turns, end_of_turn):
         assert run[-1] == eot and eot in tok.stop_ids
@@ -119,6 +120,16 @@ def test_ids_and_masks_match_transformers(tmp_path, in_config):
     tok = check_against_transformers(directory, [SINGLE, MULTI], generation_tagged(open(TEMPLATE).read()))
     for messages in (SINGLE, MULTI):
         check_mask_is_content_and_end_of_turn(tok, messages)
+
+
+def test_a_template_that_trims_content_is_masked_on_the_trimmed_text(tmp_path):
+    # Gemma's layout: BOS written by the template, the assistant role renamed, every content trimmed
+    source = ("{{ bos_token }}{% for m in messages %}{% set role = 'model' if m['role'] == 'assistant' else m['role'] %}"
+              "<|im_start|>{{ role }}\n{{ m['content'] | trim }}<|im_end|>\n{% endfor %}"
+              "{% if add_generation_prompt %}<|im_start|>model\n{% endif %}")
+    tok = check_against_transformers(make_chat_tokenizer(str(tmp_path), template=source), [SINGLE, MULTI])
+    assert tok.apply_chat_template(SINGLE)[0] == tok.bos_id
+    check_mask_is_content_and_end_of_turn(tok, MULTI, strip=True)
 
 
 def test_end_of_turn_token_stops_generation_with_eos(chat_dir):
