@@ -10,9 +10,10 @@ ROUGE-L: every test row's prompt is completed by `generate.generate_text` (greed
 `max_new_tokens`, stopping at EOS or the chat template's end-of-turn token): the Alpaca prompt (BOS as in
 training) or, with `--prompt-format chat`, the conversation up to its last assistant turn rendered by the
 checkpoint's chat template with its generation prompt (minilora/formats.py). The completion is scored against
-the row's answer (`output`, `completion` or the last assistant turn) with `metrics.rouge_l_scores` (rouge-score's default tokenizer, the study's metric) and its
-code-aware variant; the corpus score is the mean F1 over rows. pass@k: `samples` completions per problem
-(greedy for pass@1), run in `execution`'s sandbox, scored with the unbiased estimator.
+the row's answer (`output`, `completion` or the last assistant turn) with `metrics.rouge_l_scores`
+(rouge-score's default tokenizer, the study's metric) and its code-aware variant; the corpus score is the
+mean F1 over rows. pass@k: `samples` completions per problem (greedy for pass@1), run in `execution`'s
+sandbox, scored with the unbiased estimator; `--prompt-format` raw, alpaca or chat says how each is asked.
 
 Outputs in `out`: predictions.jsonl (one line per row or sample), summary.json, summary.md (the table
 that is also printed).
@@ -325,9 +326,8 @@ def evaluate_problems(config, model=None, tok=None, problems=None):
     problems = problems[:config.limit] if config.limit else problems
     samples = config.samples or config.pass_at
     prompt_format = "raw" if config.prompt_format == "auto" else config.prompt_format
-    prompt_tok = tok or model_tokenizer(config)
-    if prompt_format == "chat" and prompt_tok.chat_template is None:
-        resolve_prompt_format("chat", False, "chat")  # the ConfigError, before the weights load
+    if prompt_format == "chat" and (tok or model_tokenizer(config)).chat_template is None:  # before the weights load
+        raise ConfigError(f"--prompt-format=chat: {config.model} has no chat template; use alpaca or raw.")
     if model is None:
         model, tok = load_for_eval(config)
     grouped, stats, stop = completions_for_problems(config, model, tok, problems, prompt_format, samples)
