@@ -282,7 +282,7 @@ def study_table(study, tuned, references):
         cells = [(k, record[k]) for k in ("untuned_alpaca", "untuned_chat") if k in record]
         cells += [(f"tuned, seed {s}", r["tuned"]) for s, r in sorted(record.get("runs", {}).items()) if "tuned" in r]
         counts = next((f"{c.get('n', '—')} / {c.get('problems_n', '—')}" for _, c in cells), "—")
-        if record.get("role") == "reference":
+        if name in references:
             for metric, label in (("rouge_l", "ROUGE-L"), ("pass@1", "pass@1")):
                 alpaca, chat = ((record.get(k) or {}).get(metric) for k in ("untuned_alpaca", "untuned_chat"))
                 lines.append(f"| {name} (reference, untuned) | {label} | {_pct(alpaca)} | {_pct(chat)} | — | — | — | "
@@ -294,7 +294,7 @@ def study_table(study, tuned, references):
                 m = summary[metric]
                 lines.append(f"| {name} | {label} | {_pct(m['untuned_alpaca'])} | {_pct(m['untuned_chat'])} | "
                              f"{_pct_sd(m['tuned'])}{f' ({n_seeds} seeds)' if n_seeds > 1 else ''} | "
-                             f"**{_gain_sd(m['gain_vs_best'])}** | {_gain_sd(m['gain_vs_alpaca'])} | {counts} |")
+                             f"{_bold(_gain_sd(m['gain_vs_best']))} | {_gain_sd(m['gain_vs_alpaca'])} | {counts} |")
         for label, c in cells:
             lengths.append(f"| {name} | {label.replace('_', ', ')} | {c.get('prompt_format', '—')} | "
                            f"{_num(c.get('prediction_chars'))} | {_num(c.get('reference_chars'))} | "
@@ -306,6 +306,10 @@ def study_table(study, tuned, references):
         text += "\nTuned models against the larger untuned references (same rows and problems):\n\n"
         text += "\n".join(f"- {v}" for v in verdicts) + "\n"
     return text
+
+
+def _bold(text):
+    return text if text == "—" else f"**{text}**"
 
 
 def _num(value):
