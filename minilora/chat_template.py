@@ -124,7 +124,7 @@ class ChatTemplate:
                                          add_generation_prompt=add_generation_prompt, **self._variables)
         except jinja2.exceptions.SecurityError as e:
             raise TokenizerError(f"{self.where}: refused by the sandbox ({e}).") from None
-        except jinja2.TemplateError as e:
+        except Exception as e:  # a downloaded template can fail in any way: name the template, never crash
             raise TokenizerError(f"{self.where}: rendering failed ({type(e).__name__}: {e}).") from None
 
     def encode(self, messages, add_generation_prompt=False):

@@ -159,6 +159,7 @@ def test_template_file_wins_over_config_and_named_templates_are_read(tmp_path):
     ("{{ messages.append(1) }}", "sandbox"),
     ("{{ raise_exception('Only user and assistant roles are supported!') }}", "Only user and assistant roles"),
     ("{% for m in messages %}", "not a valid Jinja template"),
+    ("{{ messages[0]['content'] + 1 }}", "rendering failed"),
 ])
 def test_unsafe_or_failing_templates_are_refused(tmp_path, source, message):
     directory = make_chat_tokenizer(str(tmp_path), template=source)
