@@ -178,12 +178,12 @@ def main(argv=None):
 
         evaluation = EvalConfig(model=model_dir, data=args.data, skip_bad_rows=True, limit=args.eval_rows,
                                 max_new_tokens=args.max_new_tokens, batch_size=16, quantize=args.quantize,
-                                device="cpu", out=os.path.join(out, "before"), progress=False)
+                                device="cpu", out=os.path.join(out, "before"), progress=False, overwrite=True)
         print(f"[demo] ROUGE-L before training ({args.eval_rows} held-out rows, greedy) ...")
         before = evaluate_rouge(evaluation)
         config = config_from_values({**training, "model": model_dir, "data": args.data, "out": os.path.join(out, "train"),
                                      "quantize": args.quantize, "device": "cpu", "max_steps": args.steps,
-                                     "skip_bad_rows": True, "seed": args.seed}, TrainConfig, source="demo")
+                                     "skip_bad_rows": True, "seed": args.seed, "overwrite": True}, TrainConfig, source="demo")
         print(f"[demo] {'QLoRA (NF4 base)' if args.quantize == 'nf4' else 'LoRA'} training: {args.steps} steps, r={config.lora_r} "
               f"on every linear layer and the head ...")
         t0 = time.perf_counter()

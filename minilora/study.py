@@ -105,6 +105,7 @@ def train_config_for(config, model, out, seed_offset=0, prompt_format="auto"):
     if config.max_steps:
         values["max_steps"] = config.max_steps
     values["resume"] = latest_checkpoint(os.path.join(out, "checkpoints")) is not None
+    values["overwrite"] = not values["resume"]  # a cell's earlier attempt that left no checkpoint is redone
     return config_from_values(values, TrainConfig, source=config.train_config or "study")
 
 
@@ -116,7 +117,8 @@ def _free_memory():
 
 def score_cell(config, name, adapter, prompt_format, out, problems):
     """One cell: ROUGE-L (and pass@1 on `problems`) of the model + adapter in `prompt_format`."""
-    cell_config = dataclasses.replace(config, model=name, adapter=adapter or "", out=out, prompt_format=prompt_format)
+    cell_config = dataclasses.replace(config, model=name, adapter=adapter or "", out=out, prompt_format=prompt_format,
+                                      resume=False, overwrite=True)  # an unfinished cell is redone whole
     model, tok = load_for_eval(cell_config)
     try:
         summary = evaluate_rouge(cell_config, model, tok)
