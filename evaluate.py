@@ -1,8 +1,9 @@
-"""Score a model (and optionally a LoRA adapter): ROUGE-L on a CodeAlpaca split, pass@k on code problems, or the study.
+"""Score a model (and optionally a LoRA adapter): ROUGE-L on a held-out split, pass@k on code problems, or the study.
 
     python evaluate.py --model M [--adapter DIR] --data FILE --split test --out OUT       # ROUGE-L
+    python evaluate.py --model M --data FILE --prompt-format chat --out OUT               # in M's chat template
     python evaluate.py --model M [--adapter DIR] --problems FILE.jsonl --pass-at 1 --out OUT
-    python evaluate.py --study [--models a,b,c] --data FILE --out OUT                     # the study table
+    python evaluate.py --study [--models a,b,c] [--seeds 3] --data FILE --out OUT        # the study table
 
 Every flag and default comes from `minilora.evaluation.EvalConfig` (split settings shared with
 `TrainConfig`); `--help` lists them. OUT gets predictions.jsonl, summary.json and summary.md (the table is

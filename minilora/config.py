@@ -354,7 +354,8 @@ class Settings:
 @dataclasses.dataclass
 class TrainConfig(Settings):
     model: str = _field("llama3-3b", "short name (see minilora/hub.py), hub id, or local directory of the base model")
-    data: str = _field("sahil2801/CodeAlpaca-20k", "CodeAlpaca JSON/JSONL file, or a hub dataset id")
+    data: str = _field("sahil2801/CodeAlpaca-20k", "JSON/JSONL file of Alpaca, chat (messages) or prompt/completion "
+                       "records, or a hub dataset id")
     out: str = _field("runs/qlora", "output directory: adapter/, checkpoints/, metrics.jsonl, loss.png, train_config.json")
     quantize: str = _field("nf4", "base weights: 'nf4' (QLoRA) or 'none' (float base, plain LoRA)", choices=("nf4", "none"))
     backend: str = _field("auto", "kernels: 4-bit matmul, and on GPU the fused training ops ('torch' = the plain "
@@ -403,6 +404,11 @@ class TrainConfig(Settings):
     test_fraction: float = _field(0.05, "held-out fraction of the records (never trained on; eval loss uses it)")
     split_seed: int = _field(0, "seed of the train/test split")
     skip_bad_rows: bool = _field(False, "drop malformed dataset rows instead of failing")
+    data_format: str = _field("auto", "record format: auto (from the keys), alpaca, chat (messages), prompt_completion",
+                              choices=("auto", "alpaca", "chat", "prompt_completion"))
+    prompt_format: str = _field("auto", "alpaca (the Alpaca prompt) or chat (the checkpoint's chat template, loss on "
+                                "assistant turns); auto = chat for chat data on a model with a template, else alpaca",
+                                choices=("auto", "alpaca", "chat"))
     # evaluation, logging, checkpoints
     eval_every: int = _field(100, "eval loss every this many steps (0 = only at the end)")
     eval_examples: int = _field(200, "held-out examples used for the eval loss")

@@ -1,10 +1,13 @@
-"""CodeAlpaca data: records, the Alpaca prompt, answer-only labels, the split, padded and packed batches,
-and the batch order that a resumed run replays exactly.
+"""Training data: records (Alpaca, chat or prompt/completion, minilora/formats.py), answer-only labels in the
+Alpaca or the chat prompt format, the split, padded and packed batches, and the batch order that a resumed
+run replays exactly.
 
 References: the prompt text and the label rule are sahil280114/codealpaca `train.py` (PROMPT_DICT; the
 target is `output + eos`, labels -100 on the prompt), copied in ../shared/reference/README.md §3.1.
-Bad input follows RELIABILITY.md B1-B10 (rows named by file and row, over-long rows truncated or dropped
-and counted, truncated rows still end in EOS as torchtune's `truncate(eos_id=...)` does).
+In the chat format the labels cover every assistant turn's content and end-of-turn token, as the
+checkpoint's template renders them (minilora/chat_template.py). Bad input follows RELIABILITY.md B1-B10
+(rows named by file and row, over-long rows truncated or dropped and counted, truncated rows still end in
+EOS, or the end-of-turn token, as torchtune's `truncate(eos_id=...)` does).
 
 Batch convention. Every batch is a dict of (B, T) long tensors:
   input_ids  token ids, `pad_id` on padding.
@@ -30,6 +33,8 @@ from dataclasses import dataclass
 import torch
 
 from .errors import ConfigError, DataError, HubError
+from .formats import (DATA_FORMATS, PROMPT_NO_INPUT, PROMPT_WITH_INPUT, alpaca_prompt, answer, detect_format,  # noqa: F401
+                      format_prompt, normalize, row_problem, to_messages)
 
 IGNORE_INDEX = -100
 FIELDS = ("instruction", "input", "output")
@@ -41,17 +46,6 @@ _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 _MAX_LISTED = 5  # bad rows quoted in one error message
 
 log = logging.getLogger(__name__)
-
-# §3.1, character for character: no newline or space after "### Response:".
-PROMPT_WITH_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides further context. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:")
-PROMPT_NO_INPUT = (
-    "Below is an instruction that describes a task. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Response:")
-
 
 # ----------------------------------------------------------------------------------------------- reading
 
@@ -104,57 +98,51 @@ def read_json_rows(path):
     return rows, bad
 
 
-def _row_problem(row):
-    """Why `row` is not a CodeAlpaca record, or None."""
-    if not isinstance(row, dict):
-        return f"expected an object with keys {list(FIELDS)}, found {type(row).__name__}"
-    missing = [k for k in FIELDS if k not in row]
-    if missing:
-        return f"missing key {missing[0]!r} (a record needs {list(FIELDS)}; use \"input\": \"\" when there is none)"
-    for k in FIELDS:
-        if not isinstance(row[k], str):
-            shown = f" ({row[k]!r})" if isinstance(row[k], (int, float)) else ""  # not a list: it may nest 900 deep
-            return f"{k!r} is {type(row[k]).__name__}{shown}, expected a string"
-        try:
-            row[k].encode("utf-8")
-        except UnicodeEncodeError as e:  # a lone surrogate escape such as "\ud800": valid JSON, not text (B10)
-            return f"{k!r} holds {row[k][e.start]!r} at character {e.start}, an unpaired surrogate, not Unicode text"
-    return None
-
-
-def read_records(source):
-    """(records, problems): the good records of a file or hub dataset and "where: why" for each bad row."""
+def read_records(source, data_format="auto"):
+    """(records, problems, data_format): the good records of a file or hub dataset, "where: why" for each bad
+    row, and the format (told from the first record's keys when `data_format` is "auto")."""
     source = os.fspath(source)
+    if data_format not in ("auto", *DATA_FORMATS):
+        raise ConfigError(f"--data-format={data_format!r}: expected one of auto, {', '.join(DATA_FORMATS)}.")
     path = source if os.path.exists(source) else _download(source)
     rows, problems = read_json_rows(path)
     problems = [f"{where}: {why}" for where, why in problems]
+    if data_format == "auto":  # the first record whose keys name a format; the others must follow it
+        dicts = [row for _, row in rows if isinstance(row, dict)]
+        data_format = next((f for row in dicts if (f := detect_format(row)) is not None), None)
+        if data_format is None and dicts:
+            raise DataError(f"{source}: no record's keys match a data format (the first has keys "
+                            f"{sorted(dicts[0])[:8]}): expected alpaca (instruction, input, output), chat (messages) "
+                            "or prompt/completion (prompt, completion). Convert the file, or name the format with "
+                            "--data-format.")
+        data_format = data_format or "alpaca"
     records = []
     for where, row in rows:
-        why = _row_problem(row)
+        why = row_problem(row, data_format)
         if why:
             problems.append(f"{where}: {why}")
         else:
-            records.append({k: row[k] for k in FIELDS})
-    return records, problems
+            records.append(normalize(row, data_format))
+    return records, problems, data_format
 
 
-def load_records(source, skip_bad_rows=False, counts=None):
-    """CodeAlpaca records (dicts with string `instruction`, `input`, `output`) from a JSON list or JSONL
-    file, or from a hub dataset id (default copy: `HUB_DATASET`).
+def load_records(source, skip_bad_rows=False, counts=None, data_format="auto"):
+    """Records from a JSON list or JSONL file, or from a hub dataset id (default copy: `HUB_DATASET`), in the
+    data format `data_format` ("auto": told from the keys; minilora/formats.py).
 
     Any bad row fails with one DataError listing the first few, unless `skip_bad_rows`: then they are
-    dropped and their count logged. An empty result is always an error. `counts`, a dict, receives "rows"
-    and "bad_rows_skipped" (for the preflight report).
+    dropped and their count logged. An empty result is always an error. `counts`, a dict, receives "rows",
+    "bad_rows_skipped" and "data_format" (for the preflight report).
     """
-    records, problems = read_records(source)
+    records, problems, data_format = read_records(source, data_format)
     total = len(records) + len(problems)
     if counts is not None:
-        counts.update(rows=total, bad_rows_skipped=len(problems))
+        counts.update(rows=total, bad_rows_skipped=len(problems), data_format=data_format)
     listed = "; ".join(problems[:_MAX_LISTED]) + (" ..." if len(problems) > _MAX_LISTED else "")
     if not records:
         raise DataError(f"{source}: dataset has 0 usable rows ({len(problems)} rejected{': ' + listed if listed else ''}).")
     if problems and not skip_bad_rows:
-        raise DataError(f"{source}: {len(problems)} of {total} rows are bad: {listed}. "
+        raise DataError(f"{source}: {len(problems)} of {total} rows are bad ({data_format} records): {listed}. "
                         "Fix them, or skip them with --skip-bad-rows.")
     if problems:
         log.warning("%s: skipped %d of %d bad rows (%s)", source, len(problems), total, listed)
@@ -164,7 +152,7 @@ def load_records(source, skip_bad_rows=False, counts=None):
 def _download(source):
     """Local path of a hub dataset's json file; HubError without a network, DataError for a missing file."""
     if not _HUB_ID.match(source) or source.endswith((".json", ".jsonl")):
-        raise DataError(f"{source}: no such file. Pass a JSON/JSONL file of CodeAlpaca records (--data FILE) "
+        raise DataError(f"{source}: no such file. Pass a JSON/JSONL file of records (--data FILE) "
                         f"or a hub dataset id such as {HUB_DATASET}.")
     try:
         from huggingface_hub import hf_hub_download, list_repo_files
@@ -186,12 +174,6 @@ def _download(source):
 
 # ------------------------------------------------------------------------------------ prompt, tokens
 
-def format_prompt(record):
-    """The Alpaca prompt of §3.1; the no-input form when `input` is the empty string."""
-    template = PROMPT_WITH_INPUT if record["input"] != "" else PROMPT_NO_INPUT
-    return template.format(instruction=record["instruction"], input=record["input"])
-
-
 @dataclass
 class Example:
     """One tokenized record. `labels` is NOT shifted: -100 on the prompt, equal to `input_ids` on the answer."""
@@ -211,12 +193,14 @@ class TokenizeStats:
                 f"over-long, truncated {self.truncated}")
 
 
-def tokenize_example(record, tok, max_len, overlong="truncate", stats=None):
+def tokenize_example(record, tok, max_len, overlong="truncate", stats=None, prompt_format="alpaca"):
     """An Example of at most `max_len` tokens, or None when the row is dropped (counted in `stats`).
 
-    Prompt and answer are encoded separately, so the prompt ids are exactly what generation feeds the
-    model. Over-long rows keep their start: with "truncate" the answer is cut and still ends in EOS
-    (RELIABILITY B4); a prompt that leaves no room for one answer token and EOS drops the row (B5).
+    alpaca: prompt and answer are encoded separately, so the prompt ids are exactly what generation feeds the
+    model. chat: the conversation rendered by the checkpoint's template, labels on the assistant turns.
+    Over-long rows keep their start: with "truncate" the answer is cut and still ends in EOS (or the
+    template's end-of-turn token) as RELIABILITY B4 asks; a prompt that leaves no room for one answer token
+    and EOS drops the row (B5).
     """
     if overlong not in ("truncate", "drop"):
         raise ConfigError(f"overlong={overlong!r}: expected 'truncate' or 'drop'.")
@@ -226,27 +210,63 @@ def tokenize_example(record, tok, max_len, overlong="truncate", stats=None):
         raise DataError("the tokenizer has no EOS token: answers must end with EOS so the model learns to stop. "
                         "Set eos_token in tokenizer_config.json.")
     stats = stats if stats is not None else TokenizeStats()
-    answer = tok.encode(record["output"]) if record["output"].strip() else []
-    if not answer:
+    if prompt_format == "chat":
+        return _tokenize_chat(record, tok, max_len, overlong, stats)
+    answer_text = answer(record)
+    answer_ids = tok.encode(answer_text) if answer_text.strip() else []
+    if not answer_ids:
         stats.dropped_empty += 1
         return None
-    prompt = tok.encode(format_prompt(record), add_special_tokens=True)
-    answer = answer + [tok.eos_id]
-    if len(prompt) + len(answer) > max_len:
+    prompt = tok.encode(alpaca_prompt(record), add_special_tokens=True)
+    answer_ids = answer_ids + [tok.eos_id]
+    if len(prompt) + len(answer_ids) > max_len:
         room = max_len - len(prompt) - 1  # answer tokens that fit in front of EOS
         if overlong == "drop" or room < 1:
             stats.dropped_long += 1
             return None
-        answer = answer[:room] + [tok.eos_id]
+        answer_ids = answer_ids[:room] + [tok.eos_id]
         stats.truncated += 1
     stats.kept += 1
-    return Example(prompt + answer, [IGNORE_INDEX] * len(prompt) + answer)
+    return Example(prompt + answer_ids, [IGNORE_INDEX] * len(prompt) + answer_ids)
 
 
-def tokenize_records(records, tok, max_len, overlong="truncate"):
+def _tokenize_chat(record, tok, max_len, overlong, stats):
+    """tokenize_example for the chat prompt format: labels on every assistant turn's tokens."""
+    if tok.chat_template is None:
+        raise ConfigError("--prompt-format=chat: the tokenizer has no chat template; use --prompt-format alpaca.")
+    messages = to_messages(record)
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+        stats.dropped_empty += 1
+        return None
+    ids, mask, end_of_turn = tok.chat_template.encode_with_mask(messages)
+    if len(ids) > max_len:
+        keep = max_len
+        if overlong == "truncate" and mask[keep - 1] and mask[keep]:  # the cut falls inside an assistant turn
+            if mask[keep - 2]:  # the turn still ends where the model must learn to stop (B4)
+                turn = sum(1 for t in range(keep) if mask[t] and (t == 0 or not mask[t - 1])) - 1
+                ids = ids[:keep - 1] + [end_of_turn[turn]]
+            else:  # only its first token would be left: the turn goes
+                keep -= 1
+        ids, mask = ids[:keep], mask[:keep]
+        if overlong == "drop" or not any(mask):
+            stats.dropped_long += 1
+            return None
+        stats.truncated += 1
+    stats.kept += 1
+    return Example(ids, [t if m else IGNORE_INDEX for t, m in zip(ids, mask)])
+
+
+def tokenize_records(records, tok, max_len, overlong="truncate", prompt_format="alpaca"):
     """(examples, stats) for all records; DataError if none survive (B1/B5)."""
     stats = TokenizeStats()
-    examples = [ex for r in records if (ex := tokenize_example(r, tok, max_len, overlong, stats)) is not None]
+    examples = []
+    for i, r in enumerate(records):
+        try:
+            ex = tokenize_example(r, tok, max_len, overlong, stats, prompt_format)
+        except DataError as e:  # a record that has no form in this prompt format
+            raise DataError(f"record {i}: {e}") from None
+        if ex is not None:
+            examples.append(ex)
     if not examples:
         raise DataError(f"dataset has 0 usable rows after tokenization ({stats}; max_len {max_len}). "
                         "Raise --max-seq-len or check the outputs.")

@@ -6,11 +6,14 @@ from `TrainConfig`, so an evaluation scores exactly the rows training held out. 
 the run's own `OUT/train_config.json` supplies the data file and split unless they are typed on the command
 line.
 
-ROUGE-L: every test row's Alpaca prompt (`data.format_prompt`, BOS as in training) is completed by
-`generate.generate_text` (greedy by default, at most `max_new_tokens`), and the completion is scored against
-the row's `output` with `metrics.rouge_l_scores` (rouge-score's default tokenizer, the study's metric) and its
-code-aware variant; the corpus score is the mean F1 over rows. pass@k: `samples` completions per problem
-(greedy for pass@1), run in `execution`'s sandbox, scored with the unbiased estimator.
+ROUGE-L: every test row's prompt is completed by `generate.generate_text` (greedy by default, at most
+`max_new_tokens`, stopping at EOS or the chat template's end-of-turn token): the Alpaca prompt (BOS as in
+training) or, with `--prompt-format chat`, the conversation up to its last assistant turn rendered by the
+checkpoint's chat template with its generation prompt (minilora/formats.py). The completion is scored against
+the row's answer (`output`, `completion` or the last assistant turn) with `metrics.rouge_l_scores`
+(rouge-score's default tokenizer, the study's metric) and its code-aware variant; the corpus score is the
+mean F1 over rows. pass@k: `samples` completions per problem (greedy for pass@1), run in `execution`'s
+sandbox, scored with the unbiased estimator; `--prompt-format` raw, alpaca or chat says how each is asked.
 
 Outputs in `out`: predictions.jsonl (one line per row or sample), summary.json, summary.md (the table
 that is also printed); pass@k runs also keep completions.jsonl, and append each executed sample to
@@ -28,13 +31,15 @@ import time
 import torch
 
 from .config import Settings, TrainConfig
-from .errors import CheckpointError, DataError, ResumeError
+from .errors import CheckpointError, ConfigError, DataError, ResumeError
+from .formats import answer, format_prompt, generation_prompt, record_format, resolve_prompt_format, to_messages
 from .outdir import check_not_inside, check_out_dir, remove_outputs
 
 log = logging.getLogger(__name__)
 
 _TRAIN_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-SPLIT_SETTINGS = ("data", "test_fraction", "split_seed", "skip_bad_rows")  # shared with the training run
+SPLIT_SETTINGS = ("data", "data_format", "test_fraction", "split_seed", "skip_bad_rows")  # shared with the training run
+PROMPT_FORMATS = ("auto", "alpaca", "chat", "raw")
 # Codex (Chen et al. 2021) stop sequences for HumanEval-style completions of a function body.
 HUMANEVAL_STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
 
@@ -58,12 +63,16 @@ class EvalConfig(Settings):
     test_fraction: float = _from_training("test_fraction")
     split_seed: int = _from_training("split_seed")
     skip_bad_rows: bool = _from_training("skip_bad_rows")
+    data_format: str = _from_training("data_format")
     limit: int = _field(0, "score only the first N rows (or problems) of the split; 0 = all")
-    problems: str = _field("", "JSONL of HumanEval/MBPP-layout problems: score pass@k instead of ROUGE-L")
+    problems: str = _field("", "JSONL of HumanEval/MBPP-layout problems: score pass@k instead of ROUGE-L (with "
+                           "--study: the held-out problems of every cell's pass@1)")
     pass_at: int = _field(1, "k of pass@k")
     samples: int = _field(0, "completions per problem (0 = k); more than 1 needs --temperature > 0")
-    prompt_format: str = _field("raw", "problems: 'raw' (the problem's own prompt) or 'alpaca' (wrapped in the "
-                                "training template)", choices=("raw", "alpaca"))
+    prompt_format: str = _field("auto", "alpaca (the Alpaca prompt), chat (the checkpoint's chat template) or, for "
+                                "--problems, raw (the problem's own prompt). auto: the adapter's training format, else "
+                                "chat for chat data on a model with a template, else alpaca (raw for --problems)",
+                                choices=PROMPT_FORMATS)
     exec_timeout_s: float = _field(5.0, "wall-clock limit per executed sample (seconds)")
     exec_memory_mb: int = _field(1024, "memory limit per executed sample's sandbox, all its processes together (MiB)")
     exec_workers: int = _field(2, "samples executed at the same time")
@@ -90,9 +99,12 @@ class EvalConfig(Settings):
                            "10-40 s of compiling per prompt-length bucket)")
     progress: bool = _field(True, "show a tqdm progress bar")
     # --study (minilora/study.py)
-    study: bool = _field(False, "run the whole study table: untuned, QLoRA-tuned, relative improvement")
+    study: bool = _field(False, "run the whole study table: untuned (Alpaca and chat format), QLoRA-tuned, relative "
+                         "gains, pass@1 on --problems (or the embedded task set)")
     models: str = _field("", "study: comma-separated short names, hub ids or local dirs ('' = the study's list)")
-    reference_models: str = _field("phi3-mini", "study: models scored untuned only, for reference (comma-separated)")
+    reference_models: str = _field("phi3-mini", "study: models scored untuned only (in their chat format when they "
+                                   "have one), on the same rows, for reference (comma-separated)")
+    seeds: int = _field(1, "study: tuning runs per model (training seeds seed, seed+1, ...): mean and spread")
     train_config: str = _field("", "study: YAML file of TrainConfig settings for the tuning runs")
     max_steps: int = _field(0, "study: optimizer steps per tuning run (0 = TrainConfig's epochs)")
 
@@ -113,7 +125,7 @@ class EvalConfig(Settings):
         need(not (self.resume and self.overwrite), "overwrite", "not together with --resume")
         need(not self.resume or bool(self.problems) or self.study, "resume", "a pass@k run (--problems): a "
              "ROUGE-L run writes its outputs at its end")
-        for name in ("max_new_tokens", "batch_size", "pass_at", "exec_workers", "exec_memory_mb"):
+        for name in ("max_new_tokens", "batch_size", "pass_at", "exec_workers", "exec_memory_mb", "seeds"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "an integer >= 1")
         for name in ("limit", "samples", "max_steps"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 0, name, "an integer >= 0")
@@ -166,8 +178,10 @@ def with_run_split(config, typed=()):
         if k in typed and k in run and run[k] != getattr(config, k):
             log.warning("--%s=%r differs from the adapter's training run (%r): the scored rows may have been "
                         "trained on.", k.replace("_", "-"), getattr(config, k), run[k])
+    if "prompt_format" not in typed and config.prompt_format == "auto" and run.get("prompt_format") in ("alpaca", "chat"):
+        changes["prompt_format"] = run["prompt_format"]  # score the adapter in the format it was trained in
     if changes:
-        log.info("split settings from the adapter's train_config.json: %s", changes)
+        log.info("settings from the adapter's train_config.json: %s", changes)
     return dataclasses.replace(config, **changes).validate()
 
 
@@ -194,16 +208,33 @@ def eval_records(config):
     """The records of the chosen split (in file order), rows with an empty reference dropped and counted."""
     from .data import load_records, split_records
 
-    records = load_records(config.data, skip_bad_rows=config.skip_bad_rows)
+    records = load_records(config.data, skip_bad_rows=config.skip_bad_rows, data_format=config.data_format)
     train, test = split_records(records, test_fraction=config.test_fraction, seed=config.split_seed)
     rows = test if config.split == "test" else train
-    kept = [r for r in rows if r["output"].strip()]
+    kept = [r for r in rows if answer(r).strip()]
+    empty = len(rows) - len(kept)
     if config.limit:
         kept = kept[:config.limit]
     if not kept:
         raise DataError(f"{config.data}: the {config.split} split (test_fraction={config.test_fraction}, "
-                        f"split_seed={config.split_seed}) has no rows with a non-empty output to score.")
-    return kept, len(rows) - len([r for r in rows if r["output"].strip()])
+                        f"split_seed={config.split_seed}) has no rows with a non-empty answer to score.")
+    return kept, empty
+
+
+def prompt_format_for(config, records, tok):
+    """'alpaca' or 'chat' for scoring `records` (formats.resolve_prompt_format; 'raw' is for --problems only)."""
+    if config.prompt_format == "raw":
+        raise ConfigError("--prompt-format=raw applies to --problems only; use alpaca or chat for a dataset.")
+    data_format = record_format(records[0])
+    return resolve_prompt_format(config.prompt_format, tok.chat_template is not None, data_format)
+
+
+def model_tokenizer(config):
+    """The model's tokenizer alone (a few MB): formats are checked before the weights load."""
+    from .hub import resolve_model_dir
+    from .tokenizer import load_tokenizer
+
+    return load_tokenizer(resolve_model_dir(config.model))
 
 
 def _progress(config, total, what):
@@ -241,31 +272,48 @@ def _base_summary(config, stats, seconds):
 
 def evaluate_rouge(config, model=None, tok=None):
     """Score the split with ROUGE-L and code-aware ROUGE-L; write the outputs; return the summary dict."""
-    from .data import format_prompt
     from .metrics import rouge_l_scores
 
     config.validate()
     start = time.perf_counter()
     check_eval_out(config)
     records, empty = eval_records(config)
+    prompt_tok = tok or model_tokenizer(config)  # every prompt is rendered before the weights load
+    prompt_format = prompt_format_for(config, records, prompt_tok)
+    prompts = [generation_prompt(r, prompt_format, prompt_tok) for r in records]
     if model is None:
         model, tok = load_for_eval(config)
-    completions, stats = _generate(config, model, tok, [format_prompt(r) for r in records], config.stop)
+    completions, stats = _generate(config, model, tok, prompts, config.stop)
     predictions = [c.strip() for c in completions]
-    references = [r["output"] for r in records]
+    references = [answer(r) for r in records]
     scores = rouge_l_scores(predictions, references)
     code_scores = rouge_l_scores(predictions, references, code=True)
-    rows = [{"row": i, "instruction": r["instruction"], "input": r["input"], "reference": r["output"],
-             "prediction": p, "rouge_l": s, "rouge_l_code": c}
-            for i, (r, p, s, c) in enumerate(zip(records, predictions, scores, code_scores))]
+    rows = [{"row": i, **_shown_prompt(r), "reference": ref, "prediction": p, "rouge_l": s, "rouge_l_code": c}
+            for i, (r, ref, p, s, c) in enumerate(zip(records, references, predictions, scores, code_scores))]
     summary = {"rouge_l": sum(scores) / len(scores), "rouge_l_code": sum(code_scores) / len(code_scores),
-               "n": len(rows), "split": config.split, "data": config.data, "test_fraction": config.test_fraction,
+               "n": len(rows), "prompt_format": prompt_format, **answer_lengths(predictions, references),
+               "split": config.split, "data": config.data, "test_fraction": config.test_fraction,
                "split_seed": config.split_seed, "skipped_empty_reference": empty,
                **_base_summary(config, stats, time.perf_counter() - start)}
     if config.overwrite:
         remove_outputs(config.out, EVAL_OUTPUTS)
     write_outputs(config.out, rows, summary)
     return summary
+
+
+def _shown_prompt(record):
+    """The record's question, for predictions.jsonl."""
+    if "instruction" in record:
+        return {"instruction": record["instruction"], "input": record["input"]}
+    return {"prompt": record["prompt"]} if "prompt" in record else {"messages": record["messages"][:-1]}
+
+
+def answer_lengths(predictions, references):
+    """Mean characters of predictions and references, and the share of empty predictions: what a change in
+    ROUGE-L is made of besides content (a shorter answer, or one that stops at all)."""
+    n = len(predictions)
+    return {"prediction_chars": sum(map(len, predictions)) / n, "reference_chars": sum(map(len, references)) / n,
+            "empty_predictions": sum(not p.strip() for p in predictions) / n}
 
 
 # ------------------------------------------------------------------------------------- pass@k
@@ -276,27 +324,50 @@ def extract_code(text):
     return match.group(1) if match else text
 
 
-def problem_prompt_text(problem, prompt_format):
-    from .data import format_prompt
+def problem_record(problem):
+    """An Alpaca record asking for `problem`: its own instruction (and input) when it carries one, else the
+    HumanEval stub to complete, or the MBPP text and tests."""
     from .execution import problem_layout, problem_prompt
+
+    if isinstance(problem.get("instruction"), str):
+        return {"instruction": problem["instruction"], "input": problem.get("input") or "", "output": ""}
+    if problem_layout(problem) == "humaneval":
+        return {"instruction": "Complete the following Python function.", "input": problem["prompt"], "output": ""}
+    return {"instruction": problem_prompt(problem), "input": "", "output": ""}
+
+
+def problem_prompt_text(problem, prompt_format, tok=None):
+    """The prompt for `problem`: its own text (raw), the Alpaca prompt (a string) or, for chat, the ids of one
+    user turn in the checkpoint's template with the generation prompt."""
+    from .execution import problem_prompt
 
     if prompt_format == "raw":
         return problem_prompt(problem)
-    if problem_layout(problem) == "humaneval":
-        record = {"instruction": "Complete the following Python function.", "input": problem["prompt"]}
-    else:
-        record = {"instruction": problem_prompt(problem), "input": ""}
-    return format_prompt(record)
+    record = problem_record(problem)
+    if prompt_format == "alpaca":
+        return format_prompt(record)
+    return tok.apply_chat_template(to_messages(record)[:1], add_generation_prompt=True)
 
 
-def evaluate_problems(config, model=None, tok=None):
-    """pass@k of the model's completions of `config.problems`; writes the outputs; returns the summary.
+def completions_for_problems(config, model, tok, problems, prompt_format, samples, stop):
+    """The completions of every problem's samples, in order, and the generation stats."""
+    prompts = [problem_prompt_text(p, prompt_format, tok) for p in problems for _ in range(samples)]
+    completions, stats = _generate(config, model, tok, prompts, stop)
+    if prompt_format != "raw":  # instruction-style answers: the code is in the first fenced block, if any
+        completions = [extract_code(c) for c in completions]
+    return completions, stats
 
-    Before the model loads: the settings, --out, the problems file and the sandbox (SandboxError without
-    bubblewrap unless --unsafe-no-sandbox). The completions are written to completions.jsonl once generated;
-    each executed sample's row is then appended to predictions.jsonl (one write, fsynced) as it finishes, so
-    a killed run loses only the samples in flight, and `--resume` reuses the completions and skips every
-    sample already in predictions.jsonl. At the end predictions.jsonl is rewritten in problem order.
+
+def evaluate_problems(config, model=None, tok=None, problems=None):
+    """pass@k of the model's completions of `config.problems` (or of `problems`, a list of problem dicts);
+    writes the outputs; returns the summary.
+
+    Before the model loads: the settings, --out, the problems file, the prompt format and the sandbox
+    (SandboxError without bubblewrap unless --unsafe-no-sandbox). The completions are written to
+    completions.jsonl once generated; each executed sample's row is then appended to predictions.jsonl (one
+    write, fsynced) as it finishes, so a killed run loses only the samples in flight, and `--resume` reuses the
+    completions and skips every sample already in predictions.jsonl. At the end predictions.jsonl is rewritten
+    in problem order.
     """
     from .execution import Limits, load_problems, problem_layout, run_samples, sandbox_report, use_sandbox
     from .metrics import pass_at_k
@@ -304,13 +375,16 @@ def evaluate_problems(config, model=None, tok=None):
     config.validate()
     start = time.perf_counter()
     check_eval_out(config)
-    problems = load_problems(config.problems)
+    problems = problems if problems is not None else load_problems(config.problems)
     problems = problems[:config.limit] if config.limit else problems
     samples = config.samples or config.pass_at
+    prompt_format = "raw" if config.prompt_format == "auto" else config.prompt_format
+    if prompt_format == "chat" and (tok or model_tokenizer(config)).chat_template is None:
+        raise ConfigError(f"--prompt-format=chat: {config.model} has no chat template; use alpaca or raw.")
     use_sandbox(config.unsafe_no_sandbox)
-    raw_humaneval = config.prompt_format == "raw" and all(problem_layout(p) == "humaneval" for p in problems)
+    raw_humaneval = prompt_format == "raw" and all(problem_layout(p) == "humaneval" for p in problems)
     stop = tuple(config.stop) or (HUMANEVAL_STOP if raw_humaneval else ())
-    settings = _completion_settings(config, samples, stop)
+    settings = _completion_settings(config, samples, stop, problems)
     completions_path = os.path.join(config.out, "completions.jsonl")
     predictions_path = os.path.join(config.out, "predictions.jsonl")
     stats = {}
@@ -319,10 +393,7 @@ def evaluate_problems(config, model=None, tok=None):
     else:
         if model is None:
             model, tok = load_for_eval(config)
-        prompts = [problem_prompt_text(p, config.prompt_format) for p in problems for _ in range(samples)]
-        completions, stats = _generate(config, model, tok, prompts, stop)
-        if config.prompt_format == "alpaca":
-            completions = [extract_code(c) for c in completions]
+        completions, stats = completions_for_problems(config, model, tok, problems, prompt_format, samples, stop)
         if config.overwrite:
             remove_outputs(config.out, EVAL_OUTPUTS)
         os.makedirs(config.out, exist_ok=True)
@@ -351,7 +422,7 @@ def evaluate_problems(config, model=None, tok=None):
     correct = [sum(done[(i, j)]["status"] == "passed" for j in range(samples)) for i in range(len(problems))]
     scores = {f"pass@{config.pass_at}": sum(pass_at_k(samples, c, config.pass_at) for c in correct) / len(problems)}
     summary = {**scores, "n": len(problems), "samples_per_problem": samples, "problems": config.problems,
-               "passed_samples": sum(r["status"] == "passed" for r in rows),
+               "prompt_format": prompt_format, "passed_samples": sum(r["status"] == "passed" for r in rows),
                "statuses": {s: sum(r["status"] == s for r in rows) for s in sorted({r["status"] for r in rows})},
                "stop": list(stop), "sandbox": sandbox_report(), **_base_summary(config, stats, time.perf_counter() - start)}
     write_outputs(config.out, rows, summary)
@@ -369,10 +440,9 @@ def check_eval_out(config):
     check_out_dir(config.out, resume=config.resume, overwrite=config.overwrite)
 
 
-def _completion_settings(config, samples, stop):
+def _completion_settings(config, samples, stop, problems):
     """What decides the completions: a resumed run must have generated them with exactly these."""
-    with open(config.problems, "rb") as f:
-        problems_sha256 = hashlib.sha256(f.read()).hexdigest()
+    problems_sha256 = hashlib.sha256(json.dumps(problems, sort_keys=True).encode("utf-8")).hexdigest()
     keys = ("model", "adapter", "limit", "prompt_format", "max_new_tokens", "temperature", "top_p", "seed",
             "quantize", "dtype", "backend")
     return {**{k: getattr(config, k) for k in keys}, "problems_sha256": problems_sha256, "samples": samples,
@@ -440,8 +510,9 @@ def summary_table(summary):
         row = (f"| {name} | {summary['n']} | {summary['samples_per_problem']} | "
                + " | ".join(_pct(summary[k]) for k in pass_keys) + f" | {speed} | {summary['seconds']:.0f} |")
     else:
-        head = "| model | split | n | ROUGE-L | code ROUGE-L | tokens/s | seconds |"
-        row = (f"| {name} | {summary['split']} (seed {summary['split_seed']}) | {summary['n']} | "
+        head = "| model | split | prompt format | n | ROUGE-L | code ROUGE-L | tokens/s | seconds |"
+        row = (f"| {name} | {summary['split']} (seed {summary['split_seed']}) | {summary.get('prompt_format', '—')} | "
+               f"{summary['n']} | "
                f"{_pct(summary['rouge_l'])} | {_pct(summary['rouge_l_code'])} | {speed} | {summary['seconds']:.0f} |")
     sep = "|" + "|".join("---" for _ in range(head.count("|") - 1)) + "|"
     return "\n".join([head, sep, row]) + "\n"

@@ -487,15 +487,20 @@ def cut_at_stop_strings(text, stop_strings):
 def generate_text(model, tokenizer, prompts, max_new_tokens, *, batch_size=16, temperature=0.0, top_p=1.0,
                   generator=None, stop_strings=(), use_graph="auto", compile=False, add_special_tokens=True,
                   progress=None, stats=None):
-    """Completions (str) for prompt strings, batched by similar length, returned in the prompts' order.
+    """Completions (str) for prompts, batched by similar length, returned in the prompts' order.
 
-    Prompts are encoded as training encodes them (with the tokenizer's BOS); generation stops at the
-    tokenizer's stop ids, at `stop_strings` (cut from the text) or after `max_new_tokens`. `progress`, if
-    given, is called with the number of prompts finished after each batch; `stats`, a dict, receives
-    `new_tokens` (generated, stop tokens excluded) and `seconds`.
+    A prompt is a string, encoded as training encodes it (with the tokenizer's BOS), or a list of token ids
+    used as they are (a chat template's rendering). Generation stops at the tokenizer's stop ids (EOS and
+    the chat template's end-of-turn token), at `stop_strings` (cut from the text) or after `max_new_tokens`.
+    `progress`, if given, is called with the number of prompts finished after each batch; `stats`, a dict,
+    receives `new_tokens` (generated, stop tokens excluded) and `seconds`.
     """
     started, new_tokens = time.perf_counter(), 0
-    encoded = tokenizer.encode_batch(list(prompts), add_special_tokens=add_special_tokens)
+    prompts = list(prompts)
+    texts = [i for i, p in enumerate(prompts) if isinstance(p, str)]
+    encoded = [list(p) if not isinstance(p, str) else None for p in prompts]
+    for i, ids in zip(texts, tokenizer.encode_batch([prompts[i] for i in texts], add_special_tokens=add_special_tokens)):
+        encoded[i] = ids
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths, little padding
     completions = [None] * len(encoded)
     decoder = None

@@ -19,9 +19,13 @@ SHORT_NAMES = {
     "phi3-mini": "microsoft/Phi-3-mini-4k-instruct",
     "qwen2.5-0.5b": "Qwen/Qwen2.5-0.5B",
     "smollm2-135m": "HuggingFaceTB/SmolLM2-135M",
+    # instruct models with a chat template (the study's untuned chat-format baselines and its reference row)
+    "smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "qwen2.5-coder-0.5b-instruct": "Qwen/Qwen2.5-Coder-0.5B-Instruct",
+    "qwen2.5-coder-1.5b-instruct": "Qwen/Qwen2.5-Coder-1.5B-Instruct",
 }
 ALLOW_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json",
-                  "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
+                  "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"]
 
 
 def resolve_model_dir(name_or_dir, revision=None, token=None, cache_dir=None):

@@ -423,7 +423,7 @@ def merged_state_dict(model):
 
 
 _COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                 "special_tokens_map.json")
+                 "special_tokens_map.json", "chat_template.jinja")
 
 
 def save_merged(model, directory, base_dir=None, tokenizer=None):

@@ -1,14 +1,17 @@
-"""The tokenizer: a `tokenizers.Tokenizer` read from `tokenizer.json`, plus the special ids.
+"""The tokenizer: a `tokenizers.Tokenizer` read from `tokenizer.json`, plus the special ids and the chat template.
 
 bos/eos/pad ids come from `tokenizer_config.json` (token strings, or `added_tokens_decoder`) and
 `generation_config.json` (`eos_token_id`, possibly a list: every id in it stops generation), falling back
 to `config.json`. Matches what transformers' `AutoTokenizer` does for the fast tokenizers of our models.
+The checkpoint's chat template (minilora/chat_template.py) gives `apply_chat_template`, and its end-of-turn
+token joins the stop ids: an instruct model's turn ends there, whichever format prompted it.
 """
 import json
 import os
 
 import tokenizers
 
+from .chat_template import SPECIAL_TOKEN_NAMES, ChatTemplate, read_chat_template
 from .config import MAX_CONFIG_BYTES
 from .errors import TokenizerError
 
@@ -16,13 +19,23 @@ from .errors import TokenizerError
 class Tokenizer:
     """`encode(text) -> list[int]` and `decode(ids) -> str`, with the model's special ids."""
 
-    def __init__(self, tokenizer, bos_id, eos_id, pad_id, stop_ids=None):
+    def __init__(self, tokenizer, bos_id, eos_id, pad_id, stop_ids=None, chat_template=None):
         self._tokenizer = tokenizer
         self.bos_id = bos_id
         self.eos_id = eos_id
         # No pad token (Llama 3.2, Qwen2.5 base): pad with eos, which labels and masks hide anyway.
         self.pad_id = pad_id if pad_id is not None else eos_id
-        self.stop_ids = sorted(set(stop_ids or []) | {eos_id})
+        self.chat_template = chat_template  # a ChatTemplate, or None when the checkpoint ships none
+        end_of_turn = chat_template.end_of_turn_ids if chat_template is not None else ()
+        self.stop_ids = sorted(set(stop_ids or []) | {eos_id} | set(end_of_turn))
+
+    def apply_chat_template(self, messages, add_generation_prompt=False):
+        """Token ids of `messages` (a list of {"role", "content"}) rendered with the checkpoint's chat template,
+        as transformers' `tokenizer.apply_chat_template(messages, add_generation_prompt=...)` returns them."""
+        if self.chat_template is None:
+            raise TokenizerError("this tokenizer has no chat template (no chat_template.jinja, no chat_template in "
+                                 "tokenizer_config.json): use the Alpaca prompt format (--prompt-format alpaca).")
+        return self.chat_template.encode(messages, add_generation_prompt)
 
     @property
     def vocab_size(self):
@@ -49,6 +62,9 @@ class Tokenizer:
                  (("bos_token", self.bos_id), ("eos_token", self.eos_id), ("pad_token", self.pad_id)) if v is not None}
         with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
             json.dump(names, f, indent=2)
+        if self.chat_template is not None:
+            with open(os.path.join(directory, "chat_template.jinja"), "w", encoding="utf-8") as f:
+                f.write(self.chat_template.source)
 
 
 def _read_json(path):
@@ -127,4 +143,14 @@ def load_tokenizer(directory):
                                   or not 0 <= value < tokenizer.get_vocab_size(with_added_tokens=True)):
             raise TokenizerError(f"{directory}: {name} id {value!r} is not a token id of the vocabulary "
                                  f"(size {tokenizer.get_vocab_size(with_added_tokens=True)}).")
-    return Tokenizer(tokenizer, bos_id, eos_id, pad_id, stop_ids)
+    template = read_chat_template(directory)
+    if template is not None:
+        strings = {**_read_json(os.path.join(directory, "special_tokens_map.json")), **tok_cfg}
+        special = {name: _token_text(strings.get(name)) for name in SPECIAL_TOKEN_NAMES}
+        template = ChatTemplate(template, tokenizer, special, where=f"{directory}: chat template")
+    return Tokenizer(tokenizer, bos_id, eos_id, pad_id, stop_ids, template)
+
+
+def _token_text(value):
+    """A special token's text from a string or an AddedToken dict (template variables are strings)."""
+    return value.get("content") if isinstance(value, dict) else value if isinstance(value, str) else None

@@ -419,8 +419,10 @@ def train(config: TrainConfig):
 
 def _train(config: TrainConfig):
     from .data import BatchOrder, fingerprint, load_records, split_records, tokenize_example, tokenize_records
+    from .formats import resolve_prompt_format
     from .hub import resolve_model_dir
     from .loading import load_model
+    from .tokenizer import load_tokenizer
 
     config.validate()
     if os.path.isdir(config.model):  # a local base: never write into it (a hub id is checked once resolved)
@@ -431,11 +433,21 @@ def _train(config: TrainConfig):
     ranks, device = distributed.setup(device)  # torchrun: join the process group, cuda:LOCAL_RANK
     # 1. data first: a bad dataset fails before minutes of model loading
     counts = {}  # rows read and skipped, for the preflight report
-    records = load_records(config.data, skip_bad_rows=config.skip_bad_rows, counts=counts)
+    records = load_records(config.data, skip_bad_rows=config.skip_bad_rows, counts=counts, data_format=config.data_format)
     train_records, test_records = split_records(records, test_fraction=config.test_fraction, seed=config.split_seed)
     counts.update(train=len(train_records), test=len(test_records))
     base_dir = os.path.abspath(resolve_model_dir(config.model))
     check_not_inside(config.out, base_dir, "the base model directory")
+    # the tokenizer and its chat template are small: every row is tokenized before the weights load
+    tok = load_tokenizer(base_dir)
+    prompt_format = resolve_prompt_format(config.prompt_format, tok.chat_template is not None, counts["data_format"])
+    config = dataclasses.replace(config, data_format=counts["data_format"], prompt_format=prompt_format)
+    train_examples, stats = tokenize_records(train_records, tok, config.max_seq_len, config.overlong, prompt_format)
+    test_examples = [ex for r in test_records
+                     if (ex := tokenize_example(r, tok, config.max_seq_len, config.overlong, prompt_format=prompt_format))]
+    test_examples = test_examples[: config.eval_examples]  # the eval loss only; evaluate.py scores generations
+    log.info("data: %d train / %d test %s records in the %s prompt format; train tokenization: %s",
+             len(train_records), len(test_records), config.data_format, prompt_format, stats)
 
     # 2. model, tokenizer, LoRA
     seed_everything(config.seed)
@@ -445,12 +457,8 @@ def _train(config: TrainConfig):
     if config.offload_activations and device.type != "cuda":
         log.info("--offload-activations: on %s the activations are in host memory already; nothing to move", device)
     # FSDP: quantize on the GPU, keep the whole base in host memory; fully_shard then moves 1/N to each GPU
-    model, tok = load_model(base_dir, dtype=dtype, device="cpu" if fsdp else device, quantize_device=device,
-                            quantize=None if config.quantize == "none" else config.quantize, backend=config.backend)
-    train_examples, stats = tokenize_records(train_records, tok, config.max_seq_len, config.overlong)
-    test_examples = [ex for r in test_records if (ex := tokenize_example(r, tok, config.max_seq_len, config.overlong))]
-    test_examples = test_examples[: config.eval_examples]  # the eval loss only; evaluate.py scores generations
-    log.info("data: %d train / %d test records; train tokenization: %s", len(train_records), len(test_records), stats)
+    model, _ = load_model(base_dir, dtype=dtype, device="cpu" if fsdp else device, quantize_device=device,
+                          quantize=None if config.quantize == "none" else config.quantize, backend=config.backend)
     apply_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets, config.use_rslora)
     model.gradient_checkpointing = config.gradient_checkpointing
     model.uncheckpointed_blocks = min(config.uncheckpointed_blocks, model.config.num_hidden_layers)

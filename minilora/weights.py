@@ -371,6 +371,7 @@ def save_quantized(model, directory, compute_dtype="bfloat16"):
     save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
         json.dump(raw, f, indent=2)
-    for extra in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json"):
+    for extra in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json",
+                  "chat_template.jinja"):
         if os.path.isfile(os.path.join(source, extra)):
             shutil.copyfile(os.path.join(source, extra), os.path.join(directory, extra))

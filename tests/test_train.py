@@ -100,7 +100,7 @@ def test_train_py_end_to_end_leaves_a_peft_adapter(inputs, tmp_path):
     assert resolved == {**TrainConfig().to_dict(), "lora_r": 4, "lora_alpha": 8.0, "micro_batch_size": 2, "model": base,
                         "data": data, "out": str(out), "max_steps": 2, "quantize": quantize, "backend": "torch",
                         "grad_accum_steps": 1, "max_seq_len": 256, "test_fraction": 0.125, "learning_rate": 1e-2,
-                        "progress": False}
+                        "progress": False, "data_format": "alpaca", "prompt_format": "alpaca"}  # resolved from "auto"
     losses = _losses(str(out))
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
     kwargs = dict(quantize="nf4", backend="torch") if quantize == "nf4" else {}
