@@ -27,13 +27,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .chat_template import read_chat_template
 from .config import MAX_CONFIG_BYTES, load_config
 from .errors import CheckpointError, MiniloraError, WeightsError
 from .gguf_export import plan_gguf, write_gguf
 from .hub import resolve_model_dir
 from .lora import ADAPTER_WEIGHTS, FUSED_PARTS, PEFT_PREFIX, check_finite, read_adapter_config
 from .model import Transformer
-from .modelfile import modelfile_text, read_chat_template
+from .modelfile import modelfile_text
 from .nf4 import Linear4bit, from_hf_state
 from .weights import QUANT_STATE_SUFFIX, SafetensorsFile, _is_block_linear, checkpoint_key_map, find_weight_files
 

@@ -26,8 +26,8 @@ import re
 import numpy as np
 import torch
 
+from .chat_template import read_chat_template
 from .errors import CheckpointError, ConfigError
-from .modelfile import read_chat_template
 from .tokenizer import load_tokenizer
 
 try:

@@ -8,34 +8,15 @@ Ollama's own library models are written):
 - Gemma: <start_of_turn>user|model\\n ... <end_of_turn>\\n (no system role: it opens the first user turn)
 - Phi-3: <|system|>, <|user|>, <|assistant|> ... <|end|>\\n
 A system prompt the template inserts when the conversation has none (SmolLM2, Qwen2.5, Llama 3.2) is found by
-rendering the Jinja template (jinja2's sandbox) and becomes the Go template's default. A template of
+rendering the Jinja template (chat_template.py) and becomes the Go template's default. A template of
 no known family, or no template at all, is an error: a guessed template would make Ollama prompt the
 model in a format it was not tuned on. The BOS token is not written: llama.cpp adds it (add_bos_token).
 """
 import dataclasses
 import json
-import os
 
+from .chat_template import compile_template
 from .errors import CheckpointError
-
-
-def read_chat_template(directory):
-    """The raw Jinja chat template of a checkpoint (chat_template.jinja, else tokenizer_config.json), or None."""
-    path = os.path.join(directory, "chat_template.jinja")
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    path = os.path.join(directory, "tokenizer_config.json")
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            template = json.load(f).get("chat_template")
-    except (ValueError, AttributeError) as e:
-        raise CheckpointError(f"{path}: cannot read its chat_template ({e}).") from None
-    if isinstance(template, list):  # the older list form: [{"name": "default", "template": ...}, ...]
-        template = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}.get("default")
-    return template if isinstance(template, str) else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,20 +60,10 @@ def detect_chat_format(template):
 
 
 def render_jinja(template, messages, add_generation_prompt=True, special=None):
-    """The checkpoint's template rendered by jinja2's sandbox, as transformers' apply_chat_template does."""
-    import datetime
-
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message):
-        raise CheckpointError(f"the chat template raised: {message}")
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-    env.globals.update(raise_exception=raise_exception,
-                       strftime_now=lambda fmt: datetime.datetime.now().strftime(fmt))
+    """The checkpoint's template rendered as transformers' apply_chat_template does (chat_template.py's sandbox)."""
     special = special or {}
-    return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                            bos_token=special.get("bos") or "", eos_token=special.get("eos") or "")
+    return compile_template(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                              bos_token=special.get("bos") or "", eos_token=special.get("eos") or "")
 
 
 def default_system(template, fmt, special=None):

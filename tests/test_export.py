@@ -446,7 +446,8 @@ def _check_against_transformers(directory, jinja, go_template, tmp_path):
 def test_real_modelfile_follows_chat_template(tmp_path, name):
     from conftest import real_checkpoint
 
-    from minilora.modelfile import modelfile_text, read_chat_template
+    from minilora.chat_template import read_chat_template
+    from minilora.modelfile import modelfile_text
 
     base = real_checkpoint(name)
     hf_tok = tf.AutoTokenizer.from_pretrained(base)
