@@ -2,7 +2,7 @@
 and the batch order that a resumed run replays exactly.
 
 References: the prompt text and the label rule are sahil280114/codealpaca `train.py` (PROMPT_DICT; the
-target is `output + eos`, labels -100 on the prompt), copied in ../shared/reference/README.md §3.1.
+target is `output + eos`, labels -100 on the prompt), copied in docs/reference/README.md §3.1.
 Bad input follows RELIABILITY.md B1-B10 (rows named by file and row, over-long rows truncated or dropped
 and counted, truncated rows still end in EOS as torchtune's `truncate(eos_id=...)` does).
 
@@ -33,7 +33,7 @@ from .errors import ConfigError, DataError, HubError
 
 IGNORE_INDEX = -100
 FIELDS = ("instruction", "input", "output")
-# The Hugging Face copy of CodeAlpaca-20k (../shared/data/README.md); the GitHub repo is sahil280114/codealpaca.
+# The Hugging Face copy of CodeAlpaca-20k; the GitHub repo is sahil280114/codealpaca.
 HUB_DATASET = "sahil2801/CodeAlpaca-20k"
 # The json file inside known hub copies of CodeAlpaca-20k; other repos must hold exactly one .json/.jsonl.
 _HUB_FILES = {"sahil280114/codealpaca-20k": "code_alpaca_20k.json", "sahil2801/codealpaca-20k": "code_alpaca_20k.json"}
