@@ -145,3 +145,22 @@ def test_demo_runs_offline_on_the_embedded_tasks(tmp_path):
     metrics = [json.loads(line) for line in (out / "train" / "metrics.jsonl").read_text().splitlines()]
     assert metrics[0]["step"] == 0 and "eval_loss" in metrics[0]
     assert "shared" not in result.stdout + result.stderr
+
+
+def test_demo_dequantize_once_gives_the_nf4_models_logits(inputs):
+    """The demo scores with each NF4 weight dequantized once: the same logits as the 4-bit reference path (fp32)."""
+    from minilora.demo import dequantize_once
+    from minilora.nf4 import Linear4bit
+
+    base, _ = inputs
+    model, tok = load_model(base, quantize="nf4", backend="torch")
+    apply_lora(model, 4, 8.0, targets=("q_proj", "up_proj"))
+    for name, p in model.named_parameters():
+        if ".lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)  # a trained-looking adapter, not the zero start
+    ids = torch.randint(3, model.config.vocab_size, (2, 11))
+    with torch.no_grad():
+        want = model(ids)
+        got = dequantize_once(model)(ids)
+    assert not any(isinstance(m, Linear4bit) for m in model.modules())
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

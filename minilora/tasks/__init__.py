@@ -18,8 +18,13 @@ Held-out tasks use function names and constants that no training task of the sam
 parameter names and instruction wordings are shared): scoring them asks whether a tuned model learned the
 families rather than the training rows.
 
+API: `train_records(seed)`, `held_out_problems(seed)`, `write_tasks(out, seed)`, and `generate_tasks(seed)`
+(both sides with every key, plus "family" and "constant"). On the command line:
+
     python -m minilora.tasks --out DIR     # DIR/train.json (Alpaca records), DIR/held_out.jsonl (problems)
 """
+import json
+import os
 import random
 
 from .families import FAMILIES, NOUNS, PARAMETERS
@@ -148,3 +153,16 @@ def held_out_problems(seed: int = 0) -> list:
     _, held_out = generate_tasks(seed)
     keys = ("task_id", "prompt", "entry_point", "test", "instruction", "input", "output")
     return [{k: t[k] for k in keys} for t in held_out]
+
+
+def write_tasks(out, seed=0):
+    """Write both files into `out` (created if needed); {"train": path, "held_out": path}."""
+    os.makedirs(out, exist_ok=True)
+    records, problems = train_records(seed), held_out_problems(seed)
+    paths = {"train": os.path.join(out, "train.json"), "held_out": os.path.join(out, "held_out.jsonl")}
+    with open(paths["train"], "w", encoding="utf-8") as f:
+        json.dump(records, f, indent=1)
+        f.write("\n")
+    with open(paths["held_out"], "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(p) + "\n" for p in problems)
+    return paths
