@@ -164,3 +164,13 @@ def test_demo_dequantize_once_gives_the_nf4_models_logits(inputs):
         got = dequantize_once(model)(ids)
     assert not any(isinstance(m, Linear4bit) for m in model.modules())
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_evaluate_py_prints_no_absl_line(inputs, tmp_path):
+    """rouge-score's "INFO absl: Using default tokenizer." no longer reaches evaluate.py's output."""
+    base, data = inputs
+    result = _python("evaluate.py", "--model", base, "--data", data, "--limit", "1", "--max-new-tokens", "2",
+                     "--device", "cpu", "--no-progress", "--out", str(tmp_path / "eval"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "| model |" in result.stdout
+    assert "absl" not in result.stderr + result.stdout
