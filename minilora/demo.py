@@ -46,12 +46,12 @@ PRESET = dict(vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidde
 LORA_RANK, LORA_ALPHA = 64, 64.0  # scaling 1: a base trained minutes ago has no broad skills to keep close to
 # lm_head too: it is tied to the frozen embeddings; an adapter on it lets tuning change the output directly.
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
-PRETRAINING = dict(steps=80, batch_size=16, seq_len=256, learning_rate=3e-3, warmup_steps=10)
+PRETRAINING = dict(steps=60, batch_size=16, seq_len=256, learning_rate=3e-3, warmup_steps=10)
 DEMO_TRAINING = dict(lora_r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0, lora_targets=LORA_TARGETS,
                      learning_rate=3e-3,
                      lr_schedule="cosine", warmup_steps=10, max_grad_norm=1.0, micro_batch_size=8, grad_accum_steps=2,
-                     max_seq_len=256, gradient_checkpointing=False, eval_every=20, eval_examples=32, save_every=0)
-DEMO_STEPS, EVAL_TASKS = 120, 86  # 86 held-out tasks: two of each family
+                     max_seq_len=256, gradient_checkpointing=False, eval_every=15, eval_examples=32, save_every=0)
+DEMO_STEPS, EVAL_TASKS = 60, 86  # 86 held-out tasks: two of each family
 
 
 def train_tokenizer(records, directory, vocab_size):
