@@ -34,7 +34,7 @@ TINY_CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vo
                "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
                "head_dim": 32, "max_position_embeddings": 1024, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
                "tie_word_embeddings": True, "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0}
-TARGETS = {("nf4", 1): 15.0, ("nf4", 8): 8.0}  # issue 5: speedup over HF + bitsandbytes NF4
+TARGETS = {("nf4", 1): 15.0, ("nf4", 8): 8.0}  # targets: speedup over HF + bitsandbytes NF4
 
 
 def write_random_checkpoint(raw, directory, device):
