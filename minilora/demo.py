@@ -5,9 +5,10 @@
    JSON/JSONL file or hub dataset id;
 2. a byte-level BPE tokenizer trained now, with `tokenizers`, on the training records;
 3. a small Llama-architecture model (the `PRESET`, ~4M parameters) from random weights, "pretrained" here for
-   a few minutes (`pretrain`, all weights, a plain AdamW loop) on the training records' answers alone, as
-   raw text separated by EOS: it stands in for a pretrained base that knows the code but has never seen an
-   instruction. Written as an ordinary Hugging Face checkpoint directory (config.json, model.safetensors,
+   a few minutes (`pretrain`, all weights, a plain AdamW loop) on raw text alone, texts separated by EOS:
+   the training tasks as documented code (signature, docstring, body, one assert; `pretraining_texts`), or
+   with --data the training rows' answers. It stands in for a pretrained base that knows code but has never
+   seen an instruction. Written as an ordinary Hugging Face checkpoint directory (config.json, model.safetensors,
    tokenizer files), so every step below is the code a real model goes through;
 4. held-out scores of the untuned base: ROUGE-L of its answers against the reference solutions, and
    pass@1, each answer run against the task's tests in `execution`'s sandbox (greedy decoding);
@@ -50,8 +51,8 @@ PRETRAINING = dict(steps=60, batch_size=16, seq_len=256, learning_rate=3e-3, war
 DEMO_TRAINING = dict(lora_r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0, lora_targets=LORA_TARGETS,
                      learning_rate=3e-3,
                      lr_schedule="cosine", warmup_steps=10, max_grad_norm=1.0, micro_batch_size=8, grad_accum_steps=2,
-                     max_seq_len=256, gradient_checkpointing=False, eval_every=15, eval_examples=32, save_every=0)
-DEMO_STEPS, EVAL_TASKS = 60, 86  # 86 held-out tasks: two of each family
+                     max_seq_len=256, gradient_checkpointing=False, eval_every=20, eval_examples=32, save_every=0)
+DEMO_STEPS, EVAL_TASKS = 100, 86  # 86 held-out tasks: two of each family
 
 
 def train_tokenizer(records, directory, vocab_size):
@@ -134,12 +135,14 @@ def pretrain(model_dir, texts, steps, batch_size, seq_len, learning_rate, warmup
 
 
 def pretraining_texts(tasks):
-    """What the base is pretrained on: each training task's solution followed by one of its asserts, as a
-    file of code with a test (the function's name occurs twice, as in real code; no instruction text)."""
+    """What the base is pretrained on: each training task as a file of documented code with a test: the
+    function with its docstring (the task's `prompt`, then the solution's body) and one of its asserts. It
+    stands in for the docstring-and-code text real base models see; it never shows an instruction."""
     texts = []
     for t in tasks:
-        first = t["test"].splitlines()[1].strip().replace("candidate(", f"{t['entry_point']}(", 1)
-        texts.append(f"{t['output']}\n{first}\n")
+        body = t["output"].split("\n", 1)[1]  # the solution without its `def` line, which the prompt has
+        check = t["test"].splitlines()[1].strip().replace("candidate(", f"{t['entry_point']}(", 1)
+        texts.append(f"{t['prompt']}{body}\n{check}\n")
     return texts
 
 
@@ -150,7 +153,7 @@ def parse_args(argv=None):
                         "on instead of the embedded task set ('' = the embedded tasks)")
     parser.add_argument("--out", default="runs/demo", help="output directory")
     parser.add_argument("--pretrain-steps", type=int, default=PRETRAINING["steps"],
-                        help="full-weight steps on raw code before the instruction tuning (16 x 256 tokens each)")
+                        help="full-weight steps on raw text before the instruction tuning (16 x 256 tokens each)")
     parser.add_argument("--no-pretrain", action="store_true", help="QLoRA on the random weights themselves")
     parser.add_argument("--steps", type=int, default=DEMO_STEPS, help="QLoRA optimizer steps (16 rows each)")
     parser.add_argument("--eval-tasks", type=int, default=EVAL_TASKS,
@@ -311,7 +314,7 @@ def demo_table(report):
               for name, s in ((base, before), ("+ QLoRA adapter", after))]
     if report["pretrain_losses"]:
         losses = report["pretrain_losses"]
-        lines.append(f"\npretraining (all weights, raw code): {len(losses)} steps in {report['pretrain_seconds']:.0f} s, "
+        lines.append(f"\npretraining (all weights, raw text): {len(losses)} steps in {report['pretrain_seconds']:.0f} s, "
                      f"loss {losses[0]:.2f} -> {losses[-1]:.2f}")
     lines.append(f"QLoRA training: {report['train']['steps']} steps in {report['train_seconds']:.0f} s, final train loss "
                  f"{report['train']['train_loss']:.3f}, eval loss {report['train']['eval_loss']:.3f}; "
