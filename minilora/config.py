@@ -13,6 +13,8 @@ import math
 import os
 from typing import Optional
 
+import torch
+
 from .errors import ConfigError
 
 MAX_CONFIG_BYTES = 10 * 2**20  # a config.json is a few KB; bound what we parse
@@ -307,6 +309,44 @@ class Settings:
             choices = f.metadata.get("choices")
             self.need(choices is None or getattr(self, f.name) in choices, f.name, f"one of {choices}")
 
+    def check_types(self):
+        """Every field has its default's type (a bool is not an int; an int may stand for a float), and every
+        float is finite: a NaN learning rate or an infinite timeout fails here, not after the model loads."""
+        for f in dataclasses.fields(self):
+            value, kind = getattr(self, f.name), _cli_type(f)
+            if value is None and f.default is None:
+                continue
+            if kind is float:
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+                self.need(ok and math.isfinite(value), f.name, "a finite number")
+            elif kind is int:
+                self.need(isinstance(value, int) and not isinstance(value, bool), f.name, "an integer")
+            elif kind is tuple:
+                self.need(isinstance(value, tuple) and all(isinstance(v, str) and v for v in value), f.name,
+                          "a list of non-empty strings")
+            else:
+                self.need(isinstance(value, kind), f.name, f"a {kind.__name__}")
+
+    def check_device(self):
+        """--device: auto, cpu, cuda or cuda:N, and a CUDA one only where this torch has that GPU."""
+        value = self.device
+        if value == "auto":
+            return
+        try:
+            device = torch.device(value)
+        except (RuntimeError, ValueError):
+            device = None
+        self.need(device is not None and device.type in ("cpu", "cuda"), "device", "auto, cpu, cuda or cuda:N")
+        if device.type == "cuda":
+            self.need(torch.cuda.is_available(), "device", f"a device this torch can use: torch {torch.__version__} "
+                      f"(CUDA {torch.version.cuda}) sees no CUDA GPU; use --device cpu or auto")
+            self.need(device.index is None or device.index < torch.cuda.device_count(), "device",
+                      f"one of the {torch.cuda.device_count()} visible GPUs (cuda:0 ...)")
+
+    def check_not_a_directory(self, name, what):
+        path = getattr(self, name)
+        self.need(not os.path.isdir(path), name, f"a {what} file, not a directory")
+
     def to_dict(self):
         return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in dataclasses.fields(self)}
 
@@ -370,12 +410,26 @@ class TrainConfig(Settings):
     keep_last: int = _field(2, "complete checkpoints kept on disk")
     resume: bool = _field(False, "continue from the latest complete checkpoint in OUT/checkpoints")
     resume_allow_data_change: bool = _field(False, "resume even if the tokenized training data changed")
+    overwrite: bool = _field(False, "start a new run in an --out that holds an earlier one, replacing its "
+                             "checkpoints, adapter and logs (without it, a non-empty --out is refused)")
     max_nonfinite_steps: int = _field(3, "stop with NonFiniteError after this many non-finite steps in a row")
     progress: bool = _field(True, "show a tqdm progress bar")
 
     def validate(self):
-        """ConfigError naming the flag for values that cannot work; returns self."""
+        """ConfigError naming the flag for values that cannot work; returns self. Every field is checked."""
         need = self.need
+        self.check_types()
+        need(self.model.strip() != "", "model", "a model name or directory")
+        need(self.data.strip() != "", "data", "a dataset file or hub dataset id")
+        self.check_not_a_directory("data", "JSON/JSONL dataset")
+        need(self.out.strip() != "", "out", "an output directory")
+        self.check_device()
+        need(0 <= self.adam_beta1 < 1, "adam_beta1", "0 <= beta1 < 1")
+        need(0 <= self.adam_beta2 < 1, "adam_beta2", "0 <= beta2 < 1")
+        need(self.adam_eps > 0, "adam_eps", "a positive number")
+        need(self.weight_decay >= 0, "weight_decay", "a number >= 0")
+        need(not (self.resume and self.overwrite), "overwrite", "not together with --resume (one continues the "
+             "run in --out, the other replaces it)")
         for name in ("lora_r", "micro_batch_size", "grad_accum_steps", "epochs", "keep_last", "max_nonfinite_steps"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "an integer >= 1")
         for name in ("warmup_steps", "eval_every", "save_every", "eval_examples", "uncheckpointed_blocks"):
@@ -404,7 +458,8 @@ def build_parser(cls=TrainConfig, description=None):
     `parse_config` can tell a flag typed on the command line from the dataclass default."""
     import argparse
 
-    parser = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS,
+    # allow_abbrev=False: `--lr nan` must be an unknown flag, not an abbreviation of --lr-schedule
+    parser = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS, allow_abbrev=False,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", help="YAML file of field: value pairs; flags typed here override it")
     for f in dataclasses.fields(cls):

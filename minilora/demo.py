@@ -282,7 +282,8 @@ def main(argv=None):
         before = score(model_dir, None, args.quantize, problems, rouge_rows, args.max_new_tokens, os.path.join(out, "before"))
         config = config_from_values({**training, "model": model_dir, "data": data_file, "out": os.path.join(out, "train"),
                                      "quantize": args.quantize, "device": "cpu", "max_steps": args.steps,
-                                     "skip_bad_rows": True, "seed": args.seed, "progress": False}, TrainConfig,
+                                     "skip_bad_rows": True, "seed": args.seed, "progress": False,
+                                     "overwrite": True}, TrainConfig,
                                     source="demo")
         print(f"[demo] {'QLoRA (NF4 base)' if args.quantize == 'nf4' else 'LoRA'} training: {args.steps} steps, "
               f"r={config.lora_r} on every linear layer and the head ...", flush=True)

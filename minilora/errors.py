@@ -40,3 +40,7 @@ class ResumeError(MiniloraError, RuntimeError):
 
 class NonFiniteError(MiniloraError, FloatingPointError, RuntimeError):
     """Loss or gradients stayed NaN/inf for too many steps in a row."""
+
+
+class SandboxError(MiniloraError, RuntimeError):
+    """Model-written code cannot be run safely here (no bubblewrap, and no explicit opt-out)."""

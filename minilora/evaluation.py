@@ -13,9 +13,12 @@ code-aware variant; the corpus score is the mean F1 over rows. pass@k: `samples`
 (greedy for pass@1), run in `execution`'s sandbox, scored with the unbiased estimator.
 
 Outputs in `out`: predictions.jsonl (one line per row or sample), summary.json, summary.md (the table
-that is also printed).
+that is also printed); pass@k runs also keep completions.jsonl, and append each executed sample to
+predictions.jsonl as it finishes (`--resume` continues a killed run). A non-empty `out` is refused unless
+`--resume` or `--overwrite` is given.
 """
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -25,7 +28,8 @@ import time
 import torch
 
 from .config import Settings, TrainConfig
-from .errors import DataError
+from .errors import CheckpointError, DataError, ResumeError
+from .outdir import check_not_inside, check_out_dir, remove_outputs
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +65,16 @@ class EvalConfig(Settings):
     prompt_format: str = _field("raw", "problems: 'raw' (the problem's own prompt) or 'alpaca' (wrapped in the "
                                 "training template)", choices=("raw", "alpaca"))
     exec_timeout_s: float = _field(5.0, "wall-clock limit per executed sample (seconds)")
+    exec_memory_mb: int = _field(1024, "memory limit per executed sample's sandbox, all its processes together (MiB)")
     exec_workers: int = _field(2, "samples executed at the same time")
+    unsafe_no_sandbox: bool = _field(False, "DANGEROUS: where bubblewrap is unavailable, run model-written code "
+                                     "without any isolation (it can read, change and delete your files); only in "
+                                     "a throwaway VM or container")
     out: str = _field("runs/eval", "output directory: predictions.jsonl, summary.json, summary.md")
+    resume: bool = _field(False, "pass@k: continue the run in --out, reusing its completions and skipping the "
+                          "samples already executed")
+    overwrite: bool = _field(False, "replace the outputs of an earlier run in --out (without it, or --resume, a "
+                             "non-empty --out is refused)")
     quantize: str = _from_training("quantize")
     backend: str = _from_training("backend")
     device: str = _from_training("device")
@@ -85,8 +97,23 @@ class EvalConfig(Settings):
     max_steps: int = _field(0, "study: optimizer steps per tuning run (0 = TrainConfig's epochs)")
 
     def validate(self):
+        """ConfigError naming the flag for values that cannot work; returns self. Every field is checked."""
         need = self.need
-        for name in ("max_new_tokens", "batch_size", "pass_at", "exec_workers"):
+        self.check_types()
+        need(self.model.strip() != "", "model", "a model name or directory")
+        need(self.out.strip() != "", "out", "an output directory")
+        self.check_not_a_directory("data", "JSON/JSONL dataset")
+        if self.problems:
+            need(os.path.isfile(self.problems), "problems", "an existing JSONL file of problems")
+        if self.adapter:
+            need(os.path.isdir(self.adapter), "adapter", "an adapter directory (train.py's OUT/adapter)")
+        self.check_device()
+        need(self.exec_timeout_s <= 3600, "exec_timeout_s", "at most 3600 seconds per sample")
+        need(self.exec_memory_mb >= 32, "exec_memory_mb", "at least 32 MiB")
+        need(not (self.resume and self.overwrite), "overwrite", "not together with --resume")
+        need(not self.resume or bool(self.problems) or self.study, "resume", "a pass@k run (--problems): a "
+             "ROUGE-L run writes its outputs at its end")
+        for name in ("max_new_tokens", "batch_size", "pass_at", "exec_workers", "exec_memory_mb"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "an integer >= 1")
         for name in ("limit", "samples", "max_steps"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 0, name, "an integer >= 0")
@@ -104,12 +131,29 @@ class EvalConfig(Settings):
 # ------------------------------------------------------------------------------------- set-up
 
 def training_run_config(adapter):
-    """The train_config.json of the run that wrote `adapter` (OUT/adapter -> OUT/train_config.json), or None."""
+    """The train_config.json of the run that wrote `adapter` (OUT/adapter -> OUT/train_config.json), or None.
+    CheckpointError naming the file if it is not JSON or its split settings have the wrong types."""
     path = os.path.join(os.path.dirname(os.path.abspath(adapter)), "train_config.json")
     if not adapter or not os.path.isfile(path):
         return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            run = json.load(f)
+    except (ValueError, RecursionError) as e:  # ValueError: bad JSON or bad UTF-8
+        raise CheckpointError(f"{path}: not valid JSON ({type(e).__name__}: {str(e)[:200]}); it is read for the "
+                              "adapter's train/test split. Fix or remove it, or type --data/--test-fraction/"
+                              "--split-seed.") from None
+    if not isinstance(run, dict):
+        raise CheckpointError(f"{path}: expected a JSON object of training settings, found {type(run).__name__}.")
+    for key in SPLIT_SETTINGS:
+        if key in run:
+            kind = type(_TRAIN_FIELDS[key].default)
+            ok = isinstance(run[key], kind) and not (kind is int and isinstance(run[key], bool))
+            ok = ok or (kind is float and isinstance(run[key], int) and not isinstance(run[key], bool))
+            if not ok:
+                raise CheckpointError(f"{path}: {key}={run[key]!r} has type {type(run[key]).__name__}, expected "
+                                      f"{kind.__name__}.")
+    return run
 
 
 def with_run_split(config, typed=()):
@@ -124,7 +168,7 @@ def with_run_split(config, typed=()):
                         "trained on.", k.replace("_", "-"), getattr(config, k), run[k])
     if changes:
         log.info("split settings from the adapter's train_config.json: %s", changes)
-    return dataclasses.replace(config, **changes)
+    return dataclasses.replace(config, **changes).validate()
 
 
 def device_and_dtype(config):
@@ -202,6 +246,7 @@ def evaluate_rouge(config, model=None, tok=None):
 
     config.validate()
     start = time.perf_counter()
+    check_eval_out(config)
     records, empty = eval_records(config)
     if model is None:
         model, tok = load_for_eval(config)
@@ -217,6 +262,8 @@ def evaluate_rouge(config, model=None, tok=None):
                "n": len(rows), "split": config.split, "data": config.data, "test_fraction": config.test_fraction,
                "split_seed": config.split_seed, "skipped_empty_reference": empty,
                **_base_summary(config, stats, time.perf_counter() - start)}
+    if config.overwrite:
+        remove_outputs(config.out, EVAL_OUTPUTS)
     write_outputs(config.out, rows, summary)
     return summary
 
@@ -243,33 +290,138 @@ def problem_prompt_text(problem, prompt_format):
 
 
 def evaluate_problems(config, model=None, tok=None):
-    """pass@k of the model's completions of `config.problems`; writes the outputs; returns the summary."""
-    from .execution import Limits, check_completions, load_problems, pass_at_k_scores, problem_layout, sandbox_report
+    """pass@k of the model's completions of `config.problems`; writes the outputs; returns the summary.
+
+    Before the model loads: the settings, --out, the problems file and the sandbox (SandboxError without
+    bubblewrap unless --unsafe-no-sandbox). The completions are written to completions.jsonl once generated;
+    each executed sample's row is then appended to predictions.jsonl (one write, fsynced) as it finishes, so
+    a killed run loses only the samples in flight, and `--resume` reuses the completions and skips every
+    sample already in predictions.jsonl. At the end predictions.jsonl is rewritten in problem order.
+    """
+    from .execution import Limits, load_problems, problem_layout, run_samples, sandbox_report, use_sandbox
+    from .metrics import pass_at_k
 
     config.validate()
     start = time.perf_counter()
+    check_eval_out(config)
     problems = load_problems(config.problems)
     problems = problems[:config.limit] if config.limit else problems
     samples = config.samples or config.pass_at
-    if model is None:
-        model, tok = load_for_eval(config)
+    use_sandbox(config.unsafe_no_sandbox)
     raw_humaneval = config.prompt_format == "raw" and all(problem_layout(p) == "humaneval" for p in problems)
     stop = tuple(config.stop) or (HUMANEVAL_STOP if raw_humaneval else ())
-    prompts = [problem_prompt_text(p, config.prompt_format) for p in problems for _ in range(samples)]
-    completions, stats = _generate(config, model, tok, prompts, stop)
-    if config.prompt_format == "alpaca":
-        completions = [extract_code(c) for c in completions]
+    settings = _completion_settings(config, samples, stop)
+    completions_path = os.path.join(config.out, "completions.jsonl")
+    predictions_path = os.path.join(config.out, "predictions.jsonl")
+    stats = {}
+    if config.resume:
+        completions = _read_completions(completions_path, settings, len(problems) * samples)
+    else:
+        if model is None:
+            model, tok = load_for_eval(config)
+        prompts = [problem_prompt_text(p, config.prompt_format) for p in problems for _ in range(samples)]
+        completions, stats = _generate(config, model, tok, prompts, stop)
+        if config.prompt_format == "alpaca":
+            completions = [extract_code(c) for c in completions]
+        if config.overwrite:
+            remove_outputs(config.out, EVAL_OUTPUTS)
+        os.makedirs(config.out, exist_ok=True)
+        write_atomic(completions_path, "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                               for r in [{"settings": settings}] + [{"completion": c} for c in completions]))
     grouped = [completions[i * samples:(i + 1) * samples] for i in range(len(problems))]
-    results = check_completions(problems, grouped, Limits(timeout_s=config.exec_timeout_s), config.exec_workers)
-    scores = pass_at_k_scores(results, ks=(config.pass_at,))
-    rows = [{"task_id": p.get("task_id", i), "sample": j, "completion": c, "status": r.status,
-             "stderr_tail": r.stderr_tail[-500:]}
-            for i, (p, cs, rs) in enumerate(zip(problems, grouped, results)) for j, (c, r) in enumerate(zip(cs, rs))]
+    done = _read_predictions(predictions_path) if config.resume else {}
+    jobs = [((i, j), problems[i], grouped[i][j]) for i in range(len(problems)) for j in range(samples)
+            if (i, j) not in done]
+    if config.resume:
+        log.info("--resume: %d of %d samples already executed, %d to run", len(done), len(problems) * samples, len(jobs))
+    limits = Limits(timeout_s=config.exec_timeout_s, memory_mb=config.exec_memory_mb)
+    fd = os.open(predictions_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        with _progress(config, len(jobs), "executing") as bar:
+            for (i, j), result in run_samples(jobs, limits, config.exec_workers, config.unsafe_no_sandbox):
+                row = {"problem": i, "task_id": problems[i].get("task_id", i), "sample": j, "completion": grouped[i][j],
+                       "status": result.status, "stderr_tail": result.stderr_tail[-500:]}
+                os.write(fd, (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8"))  # one write: one whole line
+                os.fsync(fd)
+                done[(i, j)] = row
+                bar.update(1)
+    finally:
+        os.close(fd)
+    rows = [done[(i, j)] for i in range(len(problems)) for j in range(samples)]
+    correct = [sum(done[(i, j)]["status"] == "passed" for j in range(samples)) for i in range(len(problems))]
+    scores = {f"pass@{config.pass_at}": sum(pass_at_k(samples, c, config.pass_at) for c in correct) / len(problems)}
     summary = {**scores, "n": len(problems), "samples_per_problem": samples, "problems": config.problems,
-               "passed_samples": sum(r["status"] == "passed" for r in rows), "stop": list(stop),
-               "sandbox": sandbox_report(), **_base_summary(config, stats, time.perf_counter() - start)}
+               "passed_samples": sum(r["status"] == "passed" for r in rows),
+               "statuses": {s: sum(r["status"] == s for r in rows) for s in sorted({r["status"] for r in rows})},
+               "stop": list(stop), "sandbox": sandbox_report(), **_base_summary(config, stats, time.perf_counter() - start)}
     write_outputs(config.out, rows, summary)
     return summary
+
+
+EVAL_OUTPUTS = ("predictions.jsonl", "completions.jsonl", "summary.json", "summary.md")
+
+
+def check_eval_out(config):
+    """--out checks before the model loads (outdir.py); never inside the model or adapter directory."""
+    for path, what in ((config.model, "the model directory"), (config.adapter, "the adapter directory")):
+        if path and os.path.isdir(path):
+            check_not_inside(config.out, path, what)
+    check_out_dir(config.out, resume=config.resume, overwrite=config.overwrite)
+
+
+def _completion_settings(config, samples, stop):
+    """What decides the completions: a resumed run must have generated them with exactly these."""
+    with open(config.problems, "rb") as f:
+        problems_sha256 = hashlib.sha256(f.read()).hexdigest()
+    keys = ("model", "adapter", "limit", "prompt_format", "max_new_tokens", "temperature", "top_p", "seed",
+            "quantize", "dtype", "backend")
+    return {**{k: getattr(config, k) for k in keys}, "problems_sha256": problems_sha256, "samples": samples,
+            "stop": list(stop)}
+
+
+def _read_completions(path, settings, count):
+    """The completions of the run being resumed; ResumeError if there are none or other settings made them."""
+    rows = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    except FileNotFoundError:
+        raise ResumeError(f"--resume: {path} is missing, so there is nothing to resume (its completions are "
+                          "written once generation ends). Start without --resume (with --overwrite).") from None
+    except ValueError as e:
+        raise ResumeError(f"--resume: {path} is not valid JSONL ({e}).") from None
+    saved = rows[0].get("settings") if rows and isinstance(rows[0], dict) else None
+    if not isinstance(saved, dict):
+        raise ResumeError(f"--resume: {path} does not start with the run's settings.")
+    differ = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
+    if differ:
+        listed = ", ".join(f"{k}: {saved.get(k)!r} -> {settings.get(k)!r}" for k in differ)
+        raise ResumeError(f"--resume: the run in {os.path.dirname(path)} was made with other settings ({listed}). "
+                          "Use the same settings, or --overwrite.")
+    completions = [r.get("completion") for r in rows[1:] if isinstance(r, dict)]
+    if len(completions) != count or not all(isinstance(c, str) for c in completions):
+        raise ResumeError(f"--resume: {path} holds {len(completions)} completions, expected {count}.")
+    return completions
+
+
+def _read_predictions(path):
+    """{(problem, sample): row} of the samples already executed; a torn last line (a kill mid-write) is cut."""
+    if not os.path.exists(path):
+        return {}
+    with open(path, "rb") as f:
+        data = f.read()
+    whole = data[:data.rfind(b"\n") + 1]
+    if len(whole) != len(data):
+        log.info("--resume: %s ends in a partly written line; it is dropped", path)
+        write_atomic(path, whole.decode("utf-8", errors="replace"))
+    done = {}
+    for line in whole.decode("utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+            done[(int(row["problem"]), int(row["sample"]))] = row
+        except (ValueError, KeyError, TypeError):
+            continue
+    return done
 
 
 # ------------------------------------------------------------------------------------- outputs

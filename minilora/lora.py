@@ -287,7 +287,29 @@ def read_adapter_config(directory):
     for key in ("r", "lora_alpha", "target_modules"):
         if cfg.get(key) is None:
             raise CheckpointError(f"{path}: required key {key!r} is missing.")
+    _check_adapter_types(cfg, path)
     return cfg
+
+
+def _check_adapter_types(cfg, path):
+    """CheckpointError naming the file and key for a value of the wrong type or range (`"r": "eight"`)."""
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    targets = cfg["target_modules"]
+    checks = [
+        ("r", isinstance(cfg["r"], int) and not isinstance(cfg["r"], bool) and cfg["r"] >= 1, "an integer >= 1"),
+        ("lora_alpha", number(cfg["lora_alpha"]) and cfg["lora_alpha"] > 0, "a positive number"),
+        ("lora_dropout", cfg.get("lora_dropout") is None or (number(cfg["lora_dropout"]) and 0 <= cfg["lora_dropout"] < 1),
+         "a number in [0, 1)"),
+        ("target_modules", isinstance(targets, str) and targets != "" or (isinstance(targets, list) and targets and
+                                                                          all(isinstance(t, str) and t for t in targets)),
+         "a list of module names or a regular-expression string"),
+        ("use_rslora", isinstance(cfg.get("use_rslora", False), bool), "true or false"),
+    ]
+    for key, ok, expected in checks:
+        if not ok:
+            raise CheckpointError(f"{path}: {key}={cfg.get(key)!r} is not {expected}.")
 
 
 # Phi-3 checkpoints fuse these projections; minilora splits them at load time (weights.py), so a peft

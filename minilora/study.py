@@ -70,6 +70,7 @@ def train_config_for(config, model, out):
     if config.max_steps:
         values["max_steps"] = config.max_steps
     values["resume"] = latest_checkpoint(os.path.join(out, "checkpoints")) is not None
+    values["overwrite"] = not values["resume"]  # a cell's earlier attempt that left no checkpoint is redone
     return config_from_values(values, TrainConfig, source=config.train_config or "study")
 
 
@@ -119,7 +120,8 @@ def run_study(config):
         try:
             if "untuned" not in cell:
                 log.info("study: %s untuned", name)
-                summary = evaluate_rouge(dataclasses.replace(config, model=name, adapter="", out=os.path.join(here, "untuned")))
+                summary = evaluate_rouge(dataclasses.replace(config, model=name, adapter="", resume=False, overwrite=True,
+                                                             out=os.path.join(here, "untuned")))
                 cell["untuned"] = {k: summary[k] for k in SCORES}
                 save()
             if cell["role"] == "reference":
@@ -134,7 +136,7 @@ def run_study(config):
             if "tuned" not in cell:
                 log.info("study: %s tuned", name)
                 summary = evaluate_rouge(dataclasses.replace(config, model=name, adapter=cell["train"]["adapter"],
-                                                             out=os.path.join(here, "tuned")))
+                                                             resume=False, overwrite=True, out=os.path.join(here, "tuned")))
                 cell["tuned"] = {k: summary[k] for k in SCORES}
             cell["relative_improvement"] = _relative(cell)
             save()

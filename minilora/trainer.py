@@ -36,6 +36,7 @@ from .checkpoint import latest_checkpoint, load_checkpoint, read_state, save_che
 from .config import TrainConfig
 from .errors import ConfigError, NonFiniteError, ResumeError
 from .lora import apply_lora, check_finite, lora_parameters, parameter_counts, save_adapter
+from .outdir import check_not_inside, check_out_dir, remove_outputs
 from .preflight import preflight
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,9 @@ class TrainState:
 
 
 # ------------------------------------------------------------------------------------------- pieces
+
+RUN_OUTPUTS = ("checkpoints", "adapter", "metrics.jsonl", "manifest.json", "train_config.json", "loss.png")  # --overwrite
+
 
 def seed_everything(seed):
     random.seed(seed)
@@ -421,6 +425,9 @@ def _train(config: TrainConfig):
 
     config.validate()
     check_model_name(config.model)  # a mistyped local path fails now, not after the dataset's download
+    if os.path.isdir(config.model):  # a local base: never write into it (a hub id is checked once resolved)
+        check_not_inside(config.out, config.model, "the base model directory")
+    check_out_dir(config.out, resume=config.resume, overwrite=config.overwrite)  # before anything is loaded
     out = os.path.abspath(config.out)
     device, dtype = resolve_device_and_dtype(config)
     ranks, device = distributed.setup(device)  # torchrun: join the process group, cuda:LOCAL_RANK
@@ -430,9 +437,7 @@ def _train(config: TrainConfig):
     train_records, test_records = split_records(records, test_fraction=config.test_fraction, seed=config.split_seed)
     counts.update(train=len(train_records), test=len(test_records))
     base_dir = os.path.abspath(resolve_model_dir(config.model))
-    if out == base_dir or out.startswith(base_dir + os.sep):
-        raise ConfigError(f"--out {config.out} is inside the base model directory {base_dir}; choose another "
-                          "directory so the base model is never overwritten.")
+    check_not_inside(config.out, base_dir, "the base model directory")
 
     # 2. model, tokenizer, LoRA
     seed_everything(config.seed)
@@ -471,6 +476,8 @@ def _train(config: TrainConfig):
     total_steps = config.max_steps or sum(math.ceil(order.num_batches(e) / accum) for e in range(config.epochs))
     # every row, id, the largest batch's forward/backward and the disk, checked before anything is written
     preflight(config, model, tok, train_examples, stats, out, device, dtype, counts, verbose=ranks.main)
+    if config.overwrite and ranks.main:
+        remove_outputs(out, RUN_OUTPUTS)
     os.makedirs(out, exist_ok=True)
     data_fingerprint = fingerprint(train_examples)
     base_hashes = file_sha256s(base_dir)

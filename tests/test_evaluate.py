@@ -7,18 +7,23 @@
 """
 import json
 import os
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 
 import evaluate
 from minilora.data import format_prompt, load_records, split_records
+from minilora.sandbox import sandbox_available
 from tiny import make_checkpoint
 
 RECORDS = [{"instruction": f"Write a function number {i} that adds {i} to x.", "input": "" if i % 3 else f"x = {i}",
             "output": f"def f{i}(x):\n    return x + {i}"} for i in range(30)]
 RECORDS[7]["output"] = ""  # an empty reference: skipped and counted, never scored
 NEW = 8
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -113,28 +118,116 @@ def test_adapter_run_uses_its_training_split_and_matches_peft(setup, tmp_path):
         peft_model.unload()  # the module-scoped hf model is shared with other tests
 
 
-# Problems whose verdict does not depend on the completion: the completion lands inside a string literal.
-ALWAYS = {"task_id": "always", "prompt": 'def f():\n    return 1\n_ = """', "test": '"""\ndef check(fn):\n    assert fn() == 1\n',
+# Problems whose verdict does not depend on the completion: cut at the first line break (--stop), the completion
+# lands in a comment at the end of the prompt. Only a NUL byte (no Python source may hold one) changes that.
+ALWAYS = {"task_id": "always", "prompt": "def f():\n    return 1\n# ", "test": "def check(fn):\n    assert fn() == 1\n",
           "entry_point": "f"}
-NEVER = {"task_id": "never", "prompt": 'def g():\n    return 1\n_ = """', "test": '"""\ndef check(fn):\n    assert fn() == 2\n',
+NEVER = {"task_id": "never", "prompt": "def g():\n    return 1\n# ", "test": "def check(fn):\n    assert fn() == 2\n",
          "entry_point": "g"}
-MBPP_ALWAYS = {"task_id": 3, "text": "Return one.", "test_setup_code": 'def one():\n    return 1\n_ = """',
-               "test_list": ['"""\nassert one() == 1']}
+SLOW = {"task_id": "slow", "prompt": "def h():\n    return 1\n# ",
+        "test": "import time\ndef check(fn):\n    time.sleep(0.4)\n    assert fn() == 1\n", "entry_point": "h"}
+STOP = ["--stop", "\n", "\r"]
+needs_sandbox = pytest.mark.skipif(not sandbox_available() and os.environ.get("CI") != "true",
+                                   reason="bubblewrap is not usable here; install it: apt-get install -y bubblewrap")
 
 
+def _expected(problem, completion):
+    return "crashed" if "\x00" in completion else {"always": "passed", "never": "failed", "slow": "passed"}[problem]
+
+
+@needs_sandbox
 @pytest.mark.parametrize("samples, pass_at, temperature", [(0, 1, 0.0), (3, 2, 1.0)])
 def test_pass_at_k_run(setup, tmp_path, samples, pass_at, temperature):
+    from minilora.metrics import pass_at_k
+
     root, hf, model, data = setup
     problems = tmp_path / "problems.jsonl"
-    problems.write_text("".join(json.dumps(p) + "\n" for p in (ALWAYS, NEVER, MBPP_ALWAYS)))
+    problems.write_text("".join(json.dumps(p) + "\n" for p in (ALWAYS, NEVER)))
     out = tmp_path / "out"
     assert _run("--model", model, "--problems", problems, "--pass-at", pass_at, "--samples", samples,
-                "--temperature", temperature, "--out", out, "--exec-timeout-s", "10") == 0
+                "--temperature", temperature, "--out", out, "--exec-timeout-s", "10", *STOP) == 0
     summary, rows = _read(out)
     n = samples or 1
-    assert summary[f"pass@{pass_at}"] == pytest.approx(2 / 3)
-    assert summary["n"] == 3 and summary["samples_per_problem"] == n and len(rows) == 3 * n
-    assert [r["status"] for r in rows] == ["passed"] * n + ["failed"] * n + ["passed"] * n
+    assert summary["n"] == 2 and summary["samples_per_problem"] == n and len(rows) == 2 * n
+    assert [(r["task_id"], r["sample"]) for r in rows] == [(t, j) for t in ("always", "never") for j in range(n)]
+    assert [r["status"] for r in rows] == [_expected(r["task_id"], r["completion"]) for r in rows]
+    correct = [sum(r["status"] == "passed" for r in rows if r["task_id"] == t) for t in ("always", "never")]
+    assert summary[f"pass@{pass_at}"] == pytest.approx(sum(pass_at_k(n, c, pass_at) for c in correct) / 2)
+    assert summary["sandbox"]["sandbox"] == "bubblewrap"
+
+
+@needs_sandbox
+def test_killed_evaluation_resumes_without_losing_finished_samples(setup, tmp_path):
+    """SIGKILL evaluate.py while it executes samples; --resume keeps every finished row, generates nothing,
+    and runs only the samples that had not finished."""
+    root, hf, model, data = setup
+    problems = tmp_path / "problems.jsonl"
+    problems.write_text(json.dumps(SLOW) + "\n")
+    out = tmp_path / "out"
+    argv = [sys.executable, "evaluate.py", "--model", model, "--problems", str(problems), "--samples", "6",
+            "--pass-at", "1", "--temperature", "1.0", "--out", str(out), "--exec-workers", "1", "--no-progress",
+            "--quantize", "none", "--max-new-tokens", str(NEW), *STOP]
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    predictions = out / "predictions.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if predictions.exists() and predictions.read_text().count("\n") >= 3:
+            break
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    before = [json.loads(line) for line in predictions.read_text().splitlines()]
+    assert 3 <= len(before) < 6, "the run was not killed while executing samples"
+    assert not (out / "summary.json").exists()
+    with open(predictions, "a") as f:
+        f.write('{"problem": 0, "sam')  # and a line torn by the kill
+    resumed = subprocess.run(argv + ["--resume"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"{len(before)} of 6 samples already executed, {6 - len(before)} to run" in resumed.stderr
+    summary, rows = _read(out)
+    assert summary["new_tokens"] is None  # nothing generated: the completions came from completions.jsonl
+    assert [r["sample"] for r in rows] == list(range(6))
+    kept = {r["sample"]: r for r in rows}
+    assert all(kept[r["sample"]] == r for r in before)  # finished rows unchanged (not run again)
+    assert [r["status"] for r in rows] == [_expected("slow", r["completion"]) for r in rows]
+
+
+def test_no_sandbox_is_refused_before_the_model_loads(setup, tmp_path, capsys, monkeypatch):
+    from minilora import execution
+
+    root, hf, model, data = setup
+    problems = tmp_path / "p.jsonl"
+    problems.write_text(json.dumps(ALWAYS) + "\n")
+    monkeypatch.setattr(execution, "sandbox_status", lambda: (False, "bubblewrap (`bwrap`) is not installed"))
+    assert _run("--model", tmp_path / "no-such-model", "--problems", problems, "--out", tmp_path / "o") == 1
+    err = capsys.readouterr().err
+    assert "SandboxError" in err and "apt-get install -y bubblewrap" in err and "--unsafe-no-sandbox" in err
+    assert not (tmp_path / "o").exists()
+    with pytest.warns(RuntimeWarning, match="WITHOUT A SANDBOX"):
+        assert _run("--model", model, "--problems", problems, "--out", tmp_path / "o", "--unsafe-no-sandbox", *STOP) == 0
+    summary, rows = _read(tmp_path / "o")
+    assert summary["sandbox"]["sandbox"] == "none" and rows[0]["status"] == _expected("always", rows[0]["completion"])
+
+
+def test_out_directory_is_checked_before_the_model_loads(setup, tmp_path, capsys):
+    root, hf, model, data = setup
+    missing_model = tmp_path / "no-such-model"  # loading it would fail: every error below comes first
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "predictions.jsonl").write_text("{}\n")
+    os.symlink(model, tmp_path / "link-to-model")
+    cases = [(afile, "is a file, not a directory"), (afile / "sub", "is a file, so no directory can be made"),
+             ("/proc/minilora-out", "cannot write"), (earlier, "already holds files (predictions.jsonl)")]
+    for out, message in cases:
+        assert _run("--model", missing_model, "--data", data, "--out", out) == 1, out
+        assert message in capsys.readouterr().err, out
+    assert _run("--model", model, "--data", data, "--out", tmp_path / "link-to-model" / "eval") == 1
+    assert "inside the model directory" in capsys.readouterr().err
+    assert (earlier / "predictions.jsonl").read_text() == "{}\n"
+    assert _run("--model", model, "--data", data, "--out", earlier, "--overwrite", "--limit", "1") == 0
+    assert _read(earlier)[0]["n"] == 1
 
 
 def test_bad_settings_are_clear_errors(setup, tmp_path, capsys):
@@ -145,6 +238,23 @@ def test_bad_settings_are_clear_errors(setup, tmp_path, capsys):
     assert "--samples=3" in capsys.readouterr().err
     assert _run("--model", model, "--data", tmp_path / "missing.json", "--out", tmp_path / "o") == 1
     assert "missing.json" in capsys.readouterr().err
+    missing_model = tmp_path / "no-such-model"  # each error below comes before any loading
+    for flags, message in [(["--problems", tmp_path / "none.jsonl"], "--problems="),
+                           (["--problems", tmp_path], "--problems="),
+                           (["--data", tmp_path], "not a directory"),
+                           (["--problems", problems, "--exec-timeout-s", "inf"], "--exec-timeout-s=inf: expected a finite"),
+                           (["--problems", problems, "--exec-timeout-s", "nan"], "--exec-timeout-s=nan"),
+                           (["--device", "bogus"], "--device='bogus'"),
+                           (["--temperature", "nan"], "--temperature=nan"),
+                           (["--resume"], "--resume=True: expected a pass@k run")]:
+        assert _run("--model", missing_model, "--out", tmp_path / "o2", *flags) == 1, flags
+        assert message in capsys.readouterr().err, flags
+    if not torch.cuda.is_available():
+        assert _run("--model", missing_model, "--out", tmp_path / "o2", "--device", "cuda") == 1
+        assert "sees no CUDA GPU" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # no abbreviations: --temp is not --temperature
+        _run("--model", model, "--temp", "1.0")
+    assert "unrecognized arguments: --temp" in capsys.readouterr().err
 
 
 def test_demo_with_data_file_tiny(tmp_path, capsys):

@@ -1,6 +1,7 @@
 """minilora.execution: verdicts for right, wrong, hanging, crashing, greedy and escaping samples, and pass@k.
 
-The problems and completions are written here; every sample really runs in the sandbox's subprocess.
+The problems and completions are written here; every sample really runs in the sandbox (bubblewrap). The
+attacks (escapes, tricks, bombs) are in test_sandbox_attacks.py.
 """
 import json
 import os
@@ -10,7 +11,10 @@ import pytest
 from minilora import execution as ex
 from minilora.errors import DataError
 
-LIMITS = ex.Limits(timeout_s=1.5, memory_mb=256, file_mb=1)
+LIMITS = ex.Limits(timeout_s=3.0, memory_mb=256, file_mb=1)
+pytestmark = pytest.mark.skipif(
+    not ex.sandbox_available() and os.environ.get("CI") != "true",
+    reason=f"bubblewrap is not usable here ({ex.sandbox_status()[1]}); install it: apt-get install -y bubblewrap")
 
 ADD = {"task_id": "t/add", "prompt": 'def add(a, b):\n    """Return a + b."""\n',
        "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n",
@@ -68,72 +72,42 @@ def test_crashes(completion, why):
     assert result.status == "crashed" and why in result.stderr_tail, result
 
 
-def test_memory_limit():
-    result = run("    block = bytearray(1024 ** 3)\n    return a + b\n")  # 1 GiB > 256 MiB
-    assert result.status == "crashed" and "MemoryError" in result.stderr_tail
-    assert run("    block = bytearray(50 * 1024 ** 2)\n    return a + b\n").status == "passed"  # 50 MiB is fine
-
-
 def test_file_size_limit():
     result = run("    open('big', 'wb').write(b'x' * (2 << 20))\n    return a + b\n")  # 2 MiB > file_mb=1
-    assert result.status == "crashed" and "File too large" in result.stderr_tail
+    assert result.status == "crashed" and ("File too large" in result.stderr_tail or "No space" in result.stderr_tail)
 
 
-def test_network_is_refused():
-    result = run("    import socket\n    socket.create_connection(('127.0.0.1', 9))\n    return a + b\n")
-    assert result.status == "crashed" and "socket.__new__ is not allowed" in result.stderr_tail
+def test_values_cross_as_plain_data():
+    """Tuples stay tuples, dict keys of any plain type survive, floats are exact: honest answers still pass."""
+    problem = {"prompt": "def f(x):\n", "entry_point": "f",
+               "test": "def check(c):\n    assert c((1, 2)) == ((1, 2), {(1, 'a'): {1.5, 2}}, b'\\x00', 0.1 + 0.2, 2 ** 70, None)\n"
+                       "    assert type(c((1, 2))[0]) is tuple and c([3]) != ((3,),)\n"}
+    code = "    return (tuple(x), {(1, 'a'): {1.5, 2}}, b'\\x00', 0.1 + 0.2, 2 ** 70, None)\n"
+    assert run(code, problem).status == "passed"
 
 
-def test_network_namespace_when_available():
-    if not ex.sandbox_report()["network_namespace"]:
-        pytest.skip("this kernel/user cannot unshare the network namespace")
-    result = run("    import os\n    print(os.readlink('/proc/self/ns/net'))\n    return a + b\n")
-    assert result.status == "passed" and result.stdout_tail.strip() not in ("", os.readlink("/proc/self/ns/net"))
+def test_prompt_helpers_are_the_problems_not_the_answers():
+    """HumanEval/32-style: the test uses a helper from the prompt; an answer that redefines it cannot pass."""
+    problem = {"prompt": "def poly(x):\n    return x * x - 4\n\ndef root():\n", "entry_point": "root",
+               "test": "def check(c):\n    assert abs(poly(c())) < 1e-9\n"}
+    assert run("    return 2.0\n", problem).status == "passed"
+    assert run("    return 3.0\ndef poly(x):\n    return 0\n", problem).status == "failed"
 
 
-def escapes(target):
-    """Sample bodies that try to change `target` (outside the work dir) by different routes."""
-    t = repr(str(target))
-    return [
-        f"    open({t}, 'w').write('x')\n",
-        f"    import os\n    os.close(os.open({t}, os.O_WRONLY | os.O_CREAT))\n",
-        f"    import pathlib\n    pathlib.Path({t}).write_text('x')\n",
-        f"    import os\n    os.symlink({t}, 'link')\n    open('link', 'w').write('x')\n",
-        f"    import shutil\n    shutil.copy('program.py', {t})\n",
-        f"    import subprocess\n    subprocess.run(['touch', {t}])\n",
-        f"    import os\n    os.system('touch ' + {t})\n",
-    ]
+def test_mbpp_names_come_from_the_answer():
+    assert run("def square(x):\n    return x * x\nhelper = lambda: 1\n", SQUARE).status == "passed"
+    result = run("def cube(x):\n    return x ** 3\n", SQUARE)
+    assert result.status == "crashed" and "NameError" in result.stderr_tail
 
 
-def test_writes_outside_the_work_dir_fail(tmp_path):
-    target = tmp_path / "escaped.txt"
-    for body in escapes(target):
-        result = run(body + "    return a + b\n")
-        assert result.status == "crashed" and "sandbox:" in result.stderr_tail, (body, result)
-        assert not target.exists(), body
-
-
-def test_existing_files_outside_are_untouched(tmp_path):
-    victim = tmp_path / "keep.txt"
-    victim.write_text("precious")
-    other = tmp_path / "dir"
-    other.mkdir()
-    v, o = repr(str(victim)), repr(str(other))
-    for body in (f"    import os\n    os.remove({v})\n", f"    import os\n    os.rename({v}, 'stolen')\n",
-                 f"    import os\n    os.chmod({v}, 0)\n", f"    import shutil\n    shutil.rmtree({o})\n",
-                 f"    open({v}, 'a').write('!')\n", f"    import os\n    os.link({v}, 'hard')\n"):
-        assert run(body + "    return a + b\n").status == "crashed", body
-    assert victim.read_text() == "precious" and oct(victim.stat().st_mode & 0o777) != "0o0" and other.is_dir()
-
-
-def test_work_dir_is_writable_and_removed():
-    body = ("    import os, tempfile\n    open('scratch.txt', 'w').write('ok')\n"
-            "    tempfile.NamedTemporaryFile().close()\n    print(os.getcwd())\n"
-            "    return a + b if open('scratch.txt').read() == 'ok' else None\n")
-    result = run(body)
-    assert result.status == "passed", result
-    work = result.stdout_tail.strip().splitlines()[0]
-    assert os.path.basename(work) == "work" and not os.path.exists(work)
+def test_refused_without_bubblewrap_unless_allowed(monkeypatch):
+    monkeypatch.setattr(ex, "sandbox_status", lambda: (False, "bubblewrap (`bwrap`) is not installed"))
+    with pytest.raises(ex.SandboxError, match="apt-get install -y bubblewrap"):
+        ex.check_completion(ADD, RIGHT, LIMITS)
+    with pytest.warns(RuntimeWarning, match="WITHOUT A SANDBOX"):
+        results = ex.check_completions([ADD], [[RIGHT, WRONG, RIGHT + "import sys\nsys.exit(0)\n"]], LIMITS,
+                                       allow_unsandboxed=True)
+    assert [r.status for r in results[0]] == ["passed", "failed", "failed"]  # verdicts stay honest
 
 
 def test_load_problems(tmp_path):
@@ -161,31 +135,3 @@ def test_pass_at_k_end_to_end():
     with pytest.raises(ValueError, match="pass@4 needs at least 4 samples"):
         ex.pass_at_k_scores(results, ks=(4,))
     assert ex.evaluate_pass_at_k([ADD], [[WRONG]], ks=(1,), limits=LIMITS) == {"pass@1": 0.0}
-
-
-def test_processes_and_signals_are_refused():
-    result = run("    import os, signal\n    os.kill(os.getpid(), signal.SIGTERM)\n")
-    assert result.status == "crashed" and "os.kill is not allowed" in result.stderr_tail
-    assert "os.fork is not allowed" in run("    import os\n    os.fork()\n").stderr_tail
-
-
-def test_drops_root_to_nobody(tmp_path, monkeypatch):
-    """As root, with an interpreter that `nobody` can run, the sample runs as nobody: even a write through
-    ctypes (which the audit hook cannot see) into a root-owned directory fails."""
-    system_python = "/usr/bin/python3"
-    if os.geteuid() != 0 or not os.access(system_python, os.X_OK):
-        pytest.skip("needs root and a system python3")
-    monkeypatch.setattr(ex.sys, "executable", system_python)
-    ex._probe.cache_clear()
-    try:
-        if ex.sandbox_report()["user"] != "nobody":
-            pytest.skip("nobody cannot run the system python3 here")
-        os.chmod(tmp_path, 0o755)
-        target = tmp_path / "via_ctypes"
-        body = (f"    import ctypes, os\n    fd = ctypes.CDLL(None).open({str(target).encode()!r}, os.O_WRONLY | os.O_CREAT, 0o644)\n"
-                "    print(os.getuid(), fd)\n    return a + b\n")
-        result = run(body)
-        assert result.status == "passed" and set(result.stdout_tail.split("\n")) == {"65534 -1"}, result  # add() runs twice
-        assert not target.exists()
-    finally:
-        ex._probe.cache_clear()

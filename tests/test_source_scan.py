@@ -8,7 +8,7 @@ Scanned: minilora/ (its kernels/ included), train.py, evaluate.py. Refused anywh
     `yaml.unsafe_load`, `yaml.full_load`; `yaml.safe_load` is fine);
   - `shell=True` in any call, and the shell-running helpers `os.system`, `os.popen`, `subprocess.getoutput`,
     `subprocess.getstatusoutput`.
-minilora/execution.py runs model-written code by design, but in a separate `python -I` process started with
+minilora/execution.py runs model-written code by design, but only in sandboxed child processes started with
 an argument list: the `exec` it needs lives inside the runner's source text, which the child process runs,
 so the parent never evaluates a sample and passes this scan like every other module.
 """
