@@ -9,11 +9,11 @@ Every flag and default comes from `minilora.evaluation.EvalConfig` (split settin
 `TrainConfig`); `--help` lists them. OUT gets predictions.jsonl, summary.json and summary.md (the table is
 also printed); the study writes study.json and study.md. See docs/evaluation.md.
 """
-import logging
 import sys
 
 from minilora.config import build_parser, config_from_values, load_yaml_config
 from minilora.errors import MiniloraError
+from minilora.cli import setup_logging
 
 
 def parse(argv=None):
@@ -28,7 +28,7 @@ def parse(argv=None):
 
 
 def main(argv=None):
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     try:
         config, typed = parse(argv)
         from minilora import evaluation

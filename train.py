@@ -9,15 +9,15 @@ Every flag and default comes from `minilora.config.TrainConfig`; `--help` lists 
 adapter/ (PEFT files: `load_model(M, adapter=OUT/adapter)` or peft's `PeftModel.from_pretrained`),
 checkpoints/, metrics.jsonl, loss.png, train_config.json, manifest.json. See docs/training.md.
 """
-import logging
 import sys
 
 from minilora.config import parse_config
 from minilora.errors import MiniloraError
+from minilora.cli import setup_logging
 
 
 def main(argv=None):
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     try:
         config = parse_config(argv, description=__doc__.split("\n\n")[0])
         from minilora.trainer import train

@@ -29,12 +29,12 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
-DATA = os.path.join(HERE, "..", "..", "shared", "data", "code_alpaca_2k.json")
+DATA = ""  # --data: the CodeAlpaca 2k sample, whose prompt lengths benchmarks/RESULTS.md's scoring runs copied
 TINY_CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 512, "hidden_size": 128,
                "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
                "head_dim": 32, "max_position_embeddings": 1024, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
                "tie_word_embeddings": True, "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0}
-TARGETS = {("nf4", 1): 15.0, ("nf4", 8): 8.0}  # issue 5: speedup over HF + bitsandbytes NF4
+TARGETS = {("nf4", 1): 15.0, ("nf4", 8): 8.0}  # targets: speedup over HF + bitsandbytes NF4
 
 
 def write_random_checkpoint(raw, directory, device):
@@ -142,7 +142,7 @@ def scoring_lengths(n, scale, data=DATA):
         from minilora.data import format_prompt, load_records
 
         lengths = [max(8, len(format_prompt(r)) // 4) for r in load_records(data, skip_bad_rows=True)]
-    except Exception:  # data absent: a plausible spread
+    except Exception:  # no data file: a plausible spread
         lengths = [40 + (37 * i) % 120 for i in range(2000)]
     return [max(4, int(lengths[i % len(lengths)] * scale)) for i in range(n)]
 
@@ -268,7 +268,8 @@ def main(argv=None):
     parser.add_argument("--no-fresh", action="store_true", help="skip the new-decoder-per-call column")
     parser.add_argument("--scoring", type=int, default=2000, help="prompts of the scoring run (0 = skip)")
     parser.add_argument("--scoring-batch", type=int, default=64)
-    parser.add_argument("--data", default=DATA, help="the CodeAlpaca sample whose prompt lengths the scoring run copies")
+    parser.add_argument("--data", default=DATA, help="a CodeAlpaca file whose prompt lengths the scoring run copies "
+                        "(RESULTS.md used the 2k sample); without one, a fixed spread of 40-159 tokens")
     parser.add_argument("--workdir", default="/tmp/minilora-bench")
     parser.add_argument("--results", default=os.path.join(HERE, "RESULTS.md"))
     args = parser.parse_args(argv)

@@ -7,7 +7,7 @@ cross-entropy. QLoRA's case: norm weights and lm_head frozen, activations need g
 For each kernel the script first checks that the outputs and gradients agree with the reference, then
 times forward and forward + backward with `triton.testing.do_bench` (median ms, 20th-80th percentile), in
 the same process. The elementwise kernels report the bytes they must move (each input read once, each
-output written once, in bf16) against the copy rate measured on the card in issue 6 (2.96 TB/s, H100
+output written once, in bf16) against the copy rate measured on the card (2.96 TB/s, H100
 HBM3); the fused cross-entropy reports the TFLOP/s of its two matmuls (logits and grad_hidden, 4 N D V)
 and its peak memory next to the full-logits reference.
 
@@ -25,7 +25,7 @@ from minilora.kernels.glu import geglu_torch, geglu_triton, swiglu_torch, swiglu
 from minilora.kernels.rmsnorm import rms_norm_torch, rms_norm_triton
 from minilora.kernels.rope import rope_torch, rope_triton
 
-COPY_TB_S = 2.96  # H100 80GB HBM3 device-to-device copy, read + write, issue 6
+COPY_TB_S = 2.96  # H100 80GB HBM3 device-to-device copy, read + write (benchmarks/RESULTS.md)
 B, T, D, H, HKV, DH, INTER, V = 8, 512, 3072, 24, 8, 128, 8192, 128256
 
 

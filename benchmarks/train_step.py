@@ -27,7 +27,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12}
-CASES = [  # (config, batch, seq, gradient checkpointing, HF baseline measured in the issue, tok/s)
+CASES = [  # (config, batch, seq, gradient checkpointing, HF baseline measured earlier on the same card, tok/s)
     ("llama3.2-3b", 8, 512, True),
     ("llama3.2-3b", 8, 512, False),
     ("qwen2.5-3b", 8, 512, True),

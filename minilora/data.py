@@ -3,7 +3,7 @@ Alpaca or the chat prompt format, the split, padded and packed batches, and the 
 run replays exactly.
 
 References: the prompt text and the label rule are sahil280114/codealpaca `train.py` (PROMPT_DICT; the
-target is `output + eos`, labels -100 on the prompt), copied in ../shared/reference/README.md §3.1.
+target is `output + eos`, labels -100 on the prompt), copied in docs/reference/README.md §3.1.
 In the chat format the labels cover every assistant turn's content and end-of-turn token, as the
 checkpoint's template renders them (minilora/chat_template.py). Bad input follows RELIABILITY.md B1-B10
 (rows named by file and row, over-long rows truncated or dropped and counted, truncated rows still end in
@@ -38,7 +38,7 @@ from .formats import (DATA_FORMATS, PROMPT_NO_INPUT, PROMPT_WITH_INPUT, alpaca_p
 
 IGNORE_INDEX = -100
 FIELDS = ("instruction", "input", "output")
-# The Hugging Face copy of CodeAlpaca-20k (../shared/data/README.md); the GitHub repo is sahil280114/codealpaca.
+# The Hugging Face copy of CodeAlpaca-20k; the GitHub repo is sahil280114/codealpaca.
 HUB_DATASET = "sahil2801/CodeAlpaca-20k"
 # The json file inside known hub copies of CodeAlpaca-20k; other repos must hold exactly one .json/.jsonl.
 _HUB_FILES = {"sahil280114/codealpaca-20k": "code_alpaca_20k.json", "sahil2801/codealpaca-20k": "code_alpaca_20k.json"}

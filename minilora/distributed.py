@@ -19,7 +19,7 @@ GLOBAL micro-batches: N changes the speed, not the maths, and the data cursor (t
 global micro-batches, so a checkpoint resumes on any number of ranks. Rank 0 alone writes metrics, logs,
 the plot, checkpoints and the adapter; the others skip those writes and meet it at the next collective.
 
-Why not DistributedDataParallel. DDP is what the issue asks for, and for LoRA it would do exactly the above:
+Why not DistributedDataParallel. DDP is the usual choice, and for LoRA it would do exactly the above:
 all-reduce the trainable gradients after the last micro-batch. Wrapping the model fights this loop:
   1. DDP arms its reducer in `DDP.forward`; the loop calls `Transformer.loss` (fused linear + cross-entropy),
      never `forward`, so the loss would have to move into `forward`;

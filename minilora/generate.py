@@ -3,14 +3,12 @@
 The shape of pytorch-labs/gpt-fast's generate.py: prefill the prompt once, then decode one token at a time
 into a cache whose tensors never change shape, so on a GPU the decode step is captured once as a CUDA graph
 and replayed (no Python or kernel-launch overhead per layer); `compile=True` also runs the step through
-torch.compile inside the graph, fusing its element-wise kernels (benchmarks/RESULTS.md, H200, Llama-3.2-3B
-shape, NF4, a new decoder per call: 214 -> 261 tok/s at batch 1, 1,089 -> 1,054 at batch 8; it costs 10-40 s of
-compiling per shape). Reuse a decoder (`make_decoder`, as evaluate.py does) to skip the capture per call.
+torch.compile inside the graph, fusing its element-wise kernels (it costs 10-40 s of compiling per shape;
+measured gain: benchmarks/RESULTS.md). Reuse a decoder (`make_decoder`, as evaluate.py does) to skip the capture per call.
 Graphs are captured without autograd, as generation runs (nf4.JoinedLinear4bit applies only then), and short
 batches replay their prefill from a graph too (prompts padded to a multiple of PROMPT_BUCKET): an eager
 prefill is bound by the host. On CUDA the step's attention runs in minilora/kernels/decode_attention_fused.py (the
-StaticKVCache's `slot` and masking data are read by the kernel). H100, Llama-3.2-3B shape, NF4, 128 + 128
-tokens: 531 tok/s at batch 1, 2,426 at batch 8 (benchmarks/RESULTS.md).
+StaticKVCache's `slot` and masking data are read by the kernel). Measured speeds: benchmarks/RESULTS.md.
 Greedy output is checked against transformers' `generate` and batched output against one-prompt-at-a-time
 output in tests/test_generate.py.
 

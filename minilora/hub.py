@@ -28,14 +28,32 @@ ALLOW_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "config.json", "g
                   "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"]
 
 
+def check_model_name(name_or_dir):
+    """HubError, without touching the network, for a model argument that cannot work: a path that does not
+    exist (it starts with / . ~, or has more than one /) or is not a directory, or a name that is neither a
+    short name nor a hub id (owner/name). Callers run it before any other slow step (train.py: before the
+    dataset, which may be downloaded)."""
+    if os.path.isdir(name_or_dir):
+        return
+    repo_id = SHORT_NAMES.get(name_or_dir, name_or_dir)
+    if os.path.exists(name_or_dir):
+        raise HubError(f"model {name_or_dir!r} is a file, not a directory: pass the checkpoint directory (the one "
+                       "holding config.json and the safetensors files).")
+    if repo_id.startswith(("/", ".", "~")) or repo_id.count("/") > 1 or repo_id.endswith("/"):
+        raise HubError(f"model {name_or_dir!r}: no such directory.")
+    if repo_id.count("/") != 1:
+        raise HubError(f"model {name_or_dir!r}: no such directory, and not a hub id (owner/name) or a short name "
+                       f"({', '.join(SHORT_NAMES)}).")
+
+
 def resolve_model_dir(name_or_dir, revision=None, token=None, cache_dir=None):
     """A local directory holding config.json, downloading from the hub if `name_or_dir` is not one."""
+    check_model_name(name_or_dir)
     if os.path.isdir(name_or_dir):
         return name_or_dir
     repo_id = SHORT_NAMES.get(name_or_dir, name_or_dir)
-    if repo_id.count("/") != 1 or repo_id.startswith((".", "/")):
-        raise HubError(f"model {name_or_dir!r} is neither a local directory nor a hub id (owner/name) nor a short "
-                       f"name ({', '.join(SHORT_NAMES)}).")
+    # "ckpts/smollm2" is a hub id as far as its text goes, but more likely a mistyped directory: say both
+    local = "" if repo_id != name_or_dir else f"no such directory {name_or_dir!r}, and as a hub id: "
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
@@ -43,15 +61,15 @@ def resolve_model_dir(name_or_dir, revision=None, token=None, cache_dir=None):
         return snapshot_download(repo_id, revision=revision, allow_patterns=ALLOW_PATTERNS, cache_dir=cache_dir,
                                  token=token or os.environ.get("HF_TOKEN"))
     except GatedRepoError:
-        raise HubError(f"{repo_id} is gated: accept its license on huggingface.co and set HF_TOKEN "
+        raise HubError(f"{local}{repo_id} is gated: accept its license on huggingface.co and set HF_TOKEN "
                        "(or run `huggingface-cli login`).") from None
     except RepositoryNotFoundError:
-        raise HubError(f"{repo_id} was not found on the hub (or is private: set HF_TOKEN).") from None
+        raise HubError(f"{local}{repo_id} was not found on the hub (or is private: set HF_TOKEN).") from None
     except RevisionNotFoundError:
-        raise HubError(f"{repo_id} has no revision {revision!r}.") from None
+        raise HubError(f"{local}{repo_id} has no revision {revision!r}.") from None
     except LocalEntryNotFoundError:
-        raise HubError(f"cannot download {repo_id}: the Hugging Face hub is unreachable (no network?) and it is not "
+        raise HubError(f"{local}cannot download {repo_id}: the Hugging Face hub is unreachable (no network?) and it is not "
                        "in the local cache. Download it elsewhere and pass the local directory instead, e.g. "
                        f"--model /path/to/{repo_id.split('/')[1]}.") from None
     except OSError as e:  # requests' ConnectionError and friends
-        raise HubError(f"cannot download {repo_id}: {e}. With no network, pass a local directory as the model.") from None
+        raise HubError(f"{local}cannot download {repo_id}: {e}. With no network, pass a local directory as the model.") from None

@@ -41,6 +41,7 @@ from collections import Counter
 
 import torch
 
+from .cli import HelpFormatter
 from .config import TrainConfig, load_config
 from .errors import CheckpointError, ConfigError, MiniloraError, WeightsError
 
@@ -766,7 +767,7 @@ def plot_report(rep, path):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m minilora.inspect", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--model", required=True, help="local model directory, hub id or short name")
     parser.add_argument("--adapter", help="PEFT LoRA adapter directory: analyse its updates (its r/alpha/targets win)")
     parser.add_argument("--rank", type=int, default=_DEFAULTS.lora_r, help="LoRA rank r")

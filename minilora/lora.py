@@ -142,6 +142,17 @@ def lora_parameters(model):
     return out
 
 
+def parameter_counts(model):
+    """(trainable, base): the trainable parameters (the adapter), and the base model's parameters with each
+    weight at its logical size: an NF4 weight counts out x in (not its packed bytes, which are buffers, or a
+    uint8/float Parameter under FSDP), tied weights once. The ratio is `python -m minilora.inspect`'s."""
+    base = sum(m.in_features * m.out_features for m in model.modules() if _is_linear(m) and not isinstance(m, nn.Linear))
+    base += sum(p.numel() for name, p in model.named_parameters()
+                if not name.endswith("weight_packed") and not name.endswith((".lora_A", ".lora_B")))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, base
+
+
 def _target_rules(targets):
     """PEFT's rule: a string is one regex matched against the full module name; list entries match the
     last name component(s). Returns {pattern: predicate}."""

@@ -10,7 +10,8 @@ base model (NF4 or float), add LoRA, build AdamW, resume if asked, then for each
   3. clip the global gradient norm; if the loss or the norm is NaN/inf, skip the update (no optimizer or
      schedule step) and stop with NonFiniteError after `max_nonfinite_steps` such steps in a row;
   4. AdamW step, learning rate = warmup then constant / cosine / linear decay;
-  5. log a JSONL line, eval loss every `eval_every` steps, an atomic checkpoint every `save_every`.
+  5. log a JSONL line, eval loss before the first step and every `eval_every` steps (with eval_every > 0), an
+     atomic checkpoint every `save_every`.
 
 At the end: OUT/adapter/ (PEFT files), metrics.jsonl, loss.png, train_config.json, manifest.json.
 Precision: bf16 autocast on GPU with LoRA weights and optimizer state in fp32 (QLoRA's setup); fp32 on CPU.
@@ -34,7 +35,7 @@ from . import distributed
 from .checkpoint import latest_checkpoint, load_checkpoint, read_state, save_checkpoint
 from .config import TrainConfig
 from .errors import ConfigError, NonFiniteError, ResumeError
-from .lora import apply_lora, check_finite, lora_parameters, save_adapter
+from .lora import apply_lora, check_finite, lora_parameters, parameter_counts, save_adapter
 from .outdir import check_not_inside, check_out_dir, remove_outputs
 from .preflight import preflight
 
@@ -420,18 +421,19 @@ def train(config: TrainConfig):
 def _train(config: TrainConfig):
     from .data import BatchOrder, fingerprint, load_records, split_records, tokenize_example, tokenize_records
     from .formats import resolve_prompt_format
-    from .hub import resolve_model_dir
+    from .hub import check_model_name, resolve_model_dir
     from .loading import load_model
     from .tokenizer import load_tokenizer
 
     config.validate()
+    check_model_name(config.model)  # a mistyped local path fails now, not after the dataset's download
     if os.path.isdir(config.model):  # a local base: never write into it (a hub id is checked once resolved)
         check_not_inside(config.out, config.model, "the base model directory")
     check_out_dir(config.out, resume=config.resume, overwrite=config.overwrite)  # before anything is loaded
     out = os.path.abspath(config.out)
     device, dtype = resolve_device_and_dtype(config)
     ranks, device = distributed.setup(device)  # torchrun: join the process group, cuda:LOCAL_RANK
-    # 1. data first: a bad dataset fails before minutes of model loading
+    # 1. data before the model: a bad dataset fails before minutes of model loading
     counts = {}  # rows read and skipped, for the preflight report
     records = load_records(config.data, skip_bad_rows=config.skip_bad_rows, counts=counts, data_format=config.data_format)
     train_records, test_records = split_records(records, test_fraction=config.test_fraction, seed=config.split_seed)
@@ -473,9 +475,8 @@ def _train(config: TrainConfig):
         held, whole = distributed.shard_base(ranks, model, params, device)
         log.info("FSDP2: rank %d holds %.1f MiB of the %.1f MiB frozen base", ranks.rank, held / 2**20, whole / 2**20)
     optimizer = build_optimizer(config, params)
-    log.info("LoRA: %d trainable parameters (%.3f%% of %d)", sum(p.numel() for p in params),
-             100 * sum(p.numel() for p in params) / sum(p.numel() for p in model.parameters()),
-             sum(p.numel() for p in model.parameters()))
+    trainable, base = parameter_counts(model)
+    log.info("LoRA: %d trainable parameters (%.3f%% of the base model's %d)", trainable, 100 * trainable / base, base)
 
     order = BatchOrder(train_examples, config.micro_batch_size, config.max_seq_len, tok.pad_id, seed=config.seed,
                        pack=config.pack)
@@ -533,6 +534,8 @@ def _train(config: TrainConfig):
     graphed = GraphedMicroSteps(model, params, config.pack, dtype, tok.pad_id) if use_graphs else None
     steps = step_batches(order, state, config.grad_accum_steps, None if config.max_steps else config.epochs - 1)
     last_loss = None
+    if config.eval_every and state.step == 0:  # the curve's baseline: B = 0, so this is the base model's loss
+        metrics.write({"step": 0, "eval_loss": evaluate_loss(model, test_examples, config, tok.pad_id, device, dtype)})
     while state.step < total_steps and (micro := next(steps, None)) is not None:
         t0 = time.perf_counter()
         lr = learning_rate_at(config, state.updates, total_steps)

@@ -13,9 +13,7 @@ if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
-SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared")
-REFERENCE_DIR = os.path.abspath(os.path.join(SHARED, "reference"))
-DATA_FILE = os.path.abspath(os.path.join(SHARED, "data", "code_alpaca_2k.json"))
+REFERENCE_DIR = os.path.join(ROOT, "docs", "reference")  # configs and facts of the supported models
 
 
 def _load_regen():
@@ -63,11 +61,24 @@ def device():
 
 
 def real_checkpoint(name):
-    """Path of a real pretrained checkpoint built by shared/tools/make_real_checkpoints.sh, or skip."""
+    """Path of a real pretrained checkpoint DIR/<name> (a Hugging Face checkpoint directory; README "Tests"
+    says how to download them), or skip."""
     root = os.environ.get("MINILORA_REAL_CKPTS")
     if not root:
-        pytest.skip("MINILORA_REAL_CKPTS is not set (build with ../shared/tools/make_real_checkpoints.sh DIR)")
+        pytest.skip("needs real checkpoints: set MINILORA_REAL_CKPTS=DIR holding smollm2-135m-instruct/, "
+                    "gemma3-270m/, qwen2.5-coder-0.5b-instruct/ (README, \"Tests\")")
     path = os.path.join(root, name)
     if not os.path.isfile(os.path.join(path, "config.json")):
-        pytest.skip(f"real checkpoint {path} is absent")
+        pytest.skip(f"real checkpoint {path} is absent (README, \"Tests\", says how to download it)")
+    return path
+
+
+def codealpaca_2k():
+    """Path of the CodeAlpaca 2k sample (data/code_alpaca_2k.json of github.com/sahil280114/codealpaca, 2,017
+    rows), or skip. Its licence allows research use only, so the repository does not carry it."""
+    path = os.environ.get("MINILORA_CODEALPACA_2K")
+    if not path:
+        pytest.skip("needs the CodeAlpaca 2k sample: set MINILORA_CODEALPACA_2K=FILE (README, \"Tests\")")
+    if not os.path.isfile(path):
+        pytest.skip(f"MINILORA_CODEALPACA_2K={path}: no such file")
     return path

@@ -5,7 +5,7 @@ import re
 
 import pytest
 import torch
-from conftest import DATA_FILE, REFERENCE_DIR
+from conftest import REFERENCE_DIR, codealpaca_2k
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
@@ -15,7 +15,7 @@ from minilora.tokenizer import Tokenizer
 
 PAD, EOS, BOS = 0, 1, 2
 
-# §3.1 of the reference README, typed out again here by hand.
+# docs/reference/README.md §3.1, typed out again here by hand.
 NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
             "request.\n\n### Instruction:\nSum {a} and b.\n\n### Response:")
 WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -55,8 +55,6 @@ def test_prompt_templates_exact_text():
 
 def test_prompt_templates_match_reference_readme():
     path = os.path.join(REFERENCE_DIR, "README.md")
-    if not os.path.isfile(path):
-        pytest.skip("shared reference README absent")
     section = open(path, encoding="utf-8").read().split("### 3.1", 1)[1].split("### 3.2", 1)[0]
     blocks = [b.strip("\n").replace("\\n", "\n") for b in re.findall(r"```\n(.*?)```", section, re.S)]
     with_input, no_input = blocks[:2]
@@ -146,10 +144,9 @@ def test_hub_download_is_read(monkeypatch, tmp_path):
     assert calls == [((data.HUB_DATASET, "code_alpaca_20k.json"), {"repo_type": "dataset"})]
 
 
+@pytest.mark.codealpaca
 def test_real_2k_sample():
-    if not os.path.isfile(DATA_FILE):
-        pytest.skip(f"{DATA_FILE} absent")
-    records = data.load_records(DATA_FILE)
+    records = data.load_records(codealpaca_2k())
     assert len(records) == 2017 and sum(r["input"] == "" for r in records) == 1011
     assert [i for i, r in enumerate(records) if r["output"] == ""] == [237, 1859]
 
@@ -202,10 +199,9 @@ def test_settings_and_tokenizer_errors(tok):
         data.tokenize_records([rec(output="")], tok, 512)
 
 
+@pytest.mark.codealpaca
 def test_real_2k_sample_tokenizes(tok):
-    if not os.path.isfile(DATA_FILE):
-        pytest.skip(f"{DATA_FILE} absent")
-    examples, stats = data.tokenize_records(data.load_records(DATA_FILE), tok, 4096, overlong="drop")
+    examples, stats = data.tokenize_records(data.load_records(codealpaca_2k()), tok, 4096, overlong="drop")
     assert (stats.kept, stats.dropped_empty, stats.dropped_long) == (2015, 2, 0) and len(examples) == 2015
     assert all(ex.labels[-1] == EOS and ex.input_ids[0] == BOS for ex in examples)
 

@@ -257,8 +257,9 @@ def test_bad_settings_are_clear_errors(setup, tmp_path, capsys):
     assert "unrecognized arguments: --temp" in capsys.readouterr().err
 
 
-def test_demo_runs_end_to_end_tiny(tmp_path, capsys):
-    """`python -m minilora.demo --tiny`: tokenizer, random base, ROUGE-L, QLoRA steps, ROUGE-L with the adapter."""
+def test_demo_with_data_file_tiny(tmp_path, capsys):
+    """`python -m minilora.demo --tiny --data FILE`: ROUGE-L on the file's held-out split, pass@1 on the embedded
+    held-out tasks, before and after a few QLoRA steps."""
     from minilora import demo
     from minilora.tokenizer import load_tokenizer
 
@@ -268,14 +269,16 @@ def test_demo_runs_end_to_end_tiny(tmp_path, capsys):
     data.write_text(json.dumps(records))
     out = tmp_path / "demo"
     assert demo.main(["--tiny", "--data", str(data), "--out", str(out), "--steps", "3", "--pretrain-steps", "3",
-                      "--eval-rows", "3", "--max-new-tokens", "6"]) == 0
+                      "--eval-tasks", "3", "--max-new-tokens", "6"]) == 0
     report = json.loads((out / "demo.json").read_text())
     assert report["train"]["steps"] == 3 and report["after"]["adapter"] == report["train"]["adapter"]
-    assert report["before"]["n"] == report["after"]["n"] == 3 and report["before"]["adapter"] is None
-    # The held-out rows are the training run's test split, and the tokenizer never saw them.
+    assert report["before"]["rouge_rows"] == report["after"]["rouge_rows"] == 3 and report["before"]["adapter"] is None
+    assert report["before"]["problems"] == 3 and not (out / "data").exists()
+    # The ROUGE-L rows are the training run's test split, and the tokenizer never saw them.
     _, test = split_records(load_records(str(data)), test_fraction=0.05, seed=0)
-    assert [json.loads(line)["instruction"] for line in (out / "after" / "predictions.jsonl").open()] == \
-        [r["instruction"] for r in test if r["output"]][:3]
+    rows = [json.loads(line) for line in (out / "after" / "predictions.jsonl").open()]
+    assert [r["instruction"] for r in rows if "row" in r] == [r["instruction"] for r in test if r["output"]][:3]
+    assert len([r for r in rows if "task_id" in r]) == 3
     tok = load_tokenizer(str(out / "base"))
     assert tok.decode(tok.encode("def f(x):\n    return x")) == "def f(x):\n    return x"
     assert len(report["pretrain_losses"]) == 3

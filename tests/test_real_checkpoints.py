@@ -1,4 +1,4 @@
-"""Real pretrained checkpoints (built by ../shared/tools/make_real_checkpoints.sh into $MINILORA_REAL_CKPTS):
+"""Real pretrained checkpoints (MINILORA_REAL_CKPTS=DIR, README "Tests"):
 minilora and transformers agree on the logits of a code prompt. Skips when the checkpoints are absent."""
 import pytest
 import torch

@@ -9,7 +9,7 @@ B data: a bad dataset fails before the model loads (B1); no batch without a supe
 C numerics: an inf gradient with a finite loss is caught by the norm (C3); fp16 refused (C7); the same seed
   twice gives the same bytes (C9).
 D resume: the settings policy (D4, D5); a crash while a step is rewritten keeps it (D2, D7).
-E resources, the preflight (issue 8 item 2): disk (E1, E2), out of memory (E3), a non-finite first step, a
+E resources, the preflight: disk (E1, E2), out of memory (E3), a non-finite first step, a
   tokenizer from another model, and the printed report.
 F security: oversized and deeply nested JSON (F3); an output dir inside the base model (F4).
 G kernels: NF4 round-trip error in bf16 (G2); the torch and Triton backends train to the same bytes (G6).
