@@ -162,6 +162,8 @@ def parse_args(argv=None):
     parser.add_argument("--quantize", default="nf4", choices=("nf4", "none"), help="base weights (nf4 = QLoRA)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random base and the training")
     parser.add_argument("--tiny", action="store_true", help="a much smaller model and budget (for the tests)")
+    parser.add_argument("--unsafe-no-sandbox", action="store_true", help="where bubblewrap is missing, run the "
+                        "generated programs for pass@1 without a sandbox (by default pass@1 is then not scored)")
     return parser.parse_args(argv)
 
 
@@ -183,13 +185,33 @@ def load_demo_data(data, out):
     return train_records(), pretraining_texts(tasks), problems, problems
 
 
-def run_tests(problems, completions):
+def run_tests(problems, completions, run_code):
     """(pass@1, statuses): one greedy completion per problem, each run against its tests in execution's
-    sandbox. The one place the demo executes model output."""
+    bubblewrap sandbox. The one place the demo executes model output. run_code: "sandbox", "unsandboxed"
+    (--unsafe-no-sandbox where bubblewrap is missing) or "no" (pass@1 is then None, nothing runs)."""
     from .execution import check_completions, pass_at_k_scores
 
-    results = check_completions(problems, [[c] for c in completions], workers=2)
+    if run_code == "no":
+        return None, ["not run"] * len(problems)
+    results = check_completions(problems, [[c] for c in completions], workers=2,
+                                allow_unsandboxed=run_code == "unsandboxed")
     return pass_at_k_scores(results, ks=(1,))["pass@1"], [r[0].status for r in results]
+
+
+def how_to_run_code(unsafe_no_sandbox):
+    """"sandbox" where bubblewrap works here; otherwise "unsandboxed" if the user opted out, else "no" (the demo
+    still trains and scores ROUGE-L, and says how to get pass@1)."""
+    from .sandbox import sandbox_status
+
+    ok, why = sandbox_status()
+    if ok:
+        return "sandbox"
+    if unsafe_no_sandbox:
+        print(f"[demo] WARNING: {why}; --unsafe-no-sandbox: the generated programs run WITHOUT a sandbox", flush=True)
+        return "unsandboxed"
+    print(f"[demo] pass@1 will not be scored: {why}. Install it (Debian/Ubuntu: sudo apt-get install -y "
+          "bubblewrap) or pass --unsafe-no-sandbox to run the generated programs without one.", flush=True)
+    return "no"
 
 
 def dequantize_once(model):
@@ -211,7 +233,7 @@ def dequantize_once(model):
     return model
 
 
-def score(model_dir, adapter, quantize, problems, rows, max_new_tokens, out):
+def score(model_dir, adapter, quantize, problems, rows, max_new_tokens, out, run_code="sandbox"):
     """Held-out ROUGE-L (on `rows`) and pass@1 (on `problems`) of the model (+ adapter), greedy; writes
     OUT/predictions.jsonl and OUT/summary.json; returns the summary."""
     from .data import format_prompt
@@ -226,7 +248,7 @@ def score(model_dir, adapter, quantize, problems, rows, max_new_tokens, out):
     prompts = [format_prompt(p) for p in problems] + ([] if same else [format_prompt(r) for r in rows])
     answers = [a.strip() for a in generate_text(model, tok, prompts, max_new_tokens, batch_size=32)]
     code, text = answers[:len(problems)], answers[:len(problems)] if same else answers[len(problems):]
-    pass1, statuses = run_tests(problems, [c + "\n" for c in code])
+    pass1, statuses = run_tests(problems, [c + "\n" for c in code], run_code)
     rouge = rouge_l_scores(text, [r["output"] for r in rows])
     rows_out = [{"task_id": p["task_id"], "instruction": p["instruction"], "input": p["input"], "reference": p["output"],
                  "prediction": c, "status": s} | ({"rouge_l": v} if same else {})
@@ -256,6 +278,7 @@ def main(argv=None):
                         eval_examples=4, eval_every=2)
     out = os.path.abspath(args.out)
     started = time.perf_counter()
+    run_code = how_to_run_code(args.unsafe_no_sandbox)  # said before minutes of training, not after
     try:
         train_rows, texts, problems, rouge_rows = load_demo_data(args.data, out)
         if args.eval_tasks:  # an even spread over the families
@@ -279,7 +302,8 @@ def main(argv=None):
             pretrain_seconds = time.perf_counter() - t0
 
         print(f"[demo] scoring the untuned base on {len(problems)} held-out tasks (greedy) ...", flush=True)
-        before = score(model_dir, None, args.quantize, problems, rouge_rows, args.max_new_tokens, os.path.join(out, "before"))
+        before = score(model_dir, None, args.quantize, problems, rouge_rows, args.max_new_tokens, os.path.join(out, "before"),
+                       run_code)
         config = config_from_values({**training, "model": model_dir, "data": data_file, "out": os.path.join(out, "train"),
                                      "quantize": args.quantize, "device": "cpu", "max_steps": args.steps,
                                      "skip_bad_rows": True, "seed": args.seed, "progress": False,
@@ -292,7 +316,7 @@ def main(argv=None):
         train_seconds = time.perf_counter() - t0
         print("[demo] scoring again with the adapter ...", flush=True)
         after = score(model_dir, result["adapter"], args.quantize, problems, rouge_rows, args.max_new_tokens,
-                      os.path.join(out, "after"))
+                      os.path.join(out, "after"), run_code)
     except MiniloraError as e:
         print(f"error ({type(e).__name__}): {e}", file=sys.stderr)
         return 1
@@ -311,7 +335,9 @@ def demo_table(report):
     before, after, out = report["before"], report["after"], report["out"]
     base = "untuned (pretrained-here base)" if report["pretrain_losses"] else "untuned (random base)"
     lines = ["\n| model | held-out ROUGE-L | held-out pass@1 | tasks passed |", "|---|---|---|---|"]
-    lines += [f"| {name} | {100 * s['rouge_l']:.2f} | {100 * s['pass@1']:.2f} | {s['passed']} / {s['problems']} |"
+    lines += [f"| {name} | {100 * s['rouge_l']:.2f} | "
+              + (f"{100 * s['pass@1']:.2f} | {s['passed']} / {s['problems']} |" if s["pass@1"] is not None
+                 else "not run (no sandbox) | |")
               for name, s in ((base, before), ("+ QLoRA adapter", after))]
     if report["pretrain_losses"]:
         losses = report["pretrain_losses"]

@@ -174,3 +174,20 @@ def test_evaluate_py_prints_no_absl_line(inputs, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "| model |" in result.stdout
     assert "absl" not in result.stderr + result.stdout
+
+
+def test_demo_without_bubblewrap_skips_pass_at_1_unless_told(monkeypatch, capsys):
+    """Where bubblewrap is missing the demo still runs, scores no pass@1 and says how to get it; with
+    --unsafe-no-sandbox it runs the programs without one. Nothing runs when it says 'not run'."""
+    import minilora.sandbox
+    from minilora import demo
+
+    monkeypatch.setattr(minilora.sandbox, "sandbox_status", lambda: (False, "bubblewrap (`bwrap`) is not installed"))
+    assert demo.how_to_run_code(False) == "no"
+    assert "sudo apt-get install -y bubblewrap" in capsys.readouterr().out
+    problem = {"task_id": "t/0", "prompt": "def f(x):\n", "entry_point": "f", "test": "def check(candidate):\n    assert candidate(1) == 2\n"}
+    assert demo.run_tests([problem], ["    return x + 1\n"], "no") == (None, ["not run"])
+    assert demo.how_to_run_code(True) == "unsandboxed"
+    assert "WITHOUT a sandbox" in capsys.readouterr().out
+    pass1, statuses = demo.run_tests([problem, problem], ["    return x + 1\n", "    return x\n"], "unsandboxed")
+    assert (pass1, statuses) == (0.5, ["passed", "failed"])
