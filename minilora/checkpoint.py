@@ -1,6 +1,6 @@
 """Training checkpoints that survive a crash at any instant and resume a run exactly.
 
-Layout (RELIABILITY.md §3.1: llm.c's DONE marker plus HF's file split, no pickles):
+Layout (docs/reliability.md: llm.c's DONE marker plus HF's file split, no pickles):
 
   OUT/checkpoints/step_000200/
     adapter_config.json, adapter_model.safetensors   the LoRA adapter in PEFT format (loadable as is)

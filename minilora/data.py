@@ -5,7 +5,7 @@ run replays exactly.
 References: the prompt text and the label rule are sahil280114/codealpaca `train.py` (PROMPT_DICT; the
 target is `output + eos`, labels -100 on the prompt), copied in docs/reference/README.md §3.1.
 In the chat format the labels cover every assistant turn's content and end-of-turn token, as the
-checkpoint's template renders them (minilora/chat_template.py). Bad input follows RELIABILITY.md B1-B10
+checkpoint's template renders them (minilora/chat_template.py). Bad input follows docs/reliability.md B1-B10
 (rows named by file and row, over-long rows truncated or dropped and counted, truncated rows still end in
 EOS, or the end-of-turn token, as torchtune's `truncate(eos_id=...)` does).
 

@@ -2,7 +2,7 @@
 
 Each message says what went wrong, where (file, key, row or flag), what was expected and what was
 found, and what to do. Callers catch `MiniloraError` to tell our clear errors from bugs. Each is also a
-ValueError (bad input) or RuntimeError (a state or environment problem), RELIABILITY.md promise 3.
+ValueError (bad input) or RuntimeError (a state or environment problem), docs/reliability.md promise 3.
 """
 
 

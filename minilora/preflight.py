@@ -1,4 +1,4 @@
-"""Preflight: what can fail in a training run fails before its first step (RELIABILITY.md promise 2, E2, E3).
+"""Preflight: what can fail in a training run fails before its first step (docs/reliability.md promise 2, E2, E3).
 
 `trainer.train` calls `preflight` after loading everything and before it writes anything. By then loading has
 already checked most inputs, and preflight reuses that work instead of repeating it:

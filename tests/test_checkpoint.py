@@ -1,4 +1,4 @@
-"""Checkpoints (RELIABILITY.md D2, D6, D7, D8, C5, E1): a complete round trip of adapter, optimizer and
+"""Checkpoints (docs/reliability.md D2, D6, D7, D8, C5, E1): a complete round trip of adapter, optimizer and
 RNG states; interrupted, unmarked and corrupted checkpoints skipped; keep-last-K retention that survives a
 failed save; no pickles on disk; non-finite adapters and full disks never replace a good checkpoint.
 

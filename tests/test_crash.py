@@ -1,4 +1,4 @@
-"""Crash tests that really crash (RELIABILITY.md promises 4 and 5, D1, E4).
+"""Crash tests that really crash (docs/reliability.md promises 4 and 5, D1, E4).
 
 train.py runs as a subprocess on the expected-loss recipe's tiny model (2-layer Llama, 14 training rows, CPU
 fp32, dropout on, cosine schedule with warmup, several epochs) with a checkpoint after every step

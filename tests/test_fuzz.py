@@ -1,4 +1,4 @@
-"""Fuzzing the loaders (RELIABILITY.md promise 3): mutated inputs only ever raise our clear errors.
+"""Fuzzing the loaders (docs/reliability.md promise 3): mutated inputs only ever raise our clear errors.
 
 Each target feeds 300-800 hypothesis-made inputs (2,700 in all, ~20 s), near-valid on purpose (a valid file with a few bytes
 or keys changed reaches deeper code than random noise), to one of the loaders that reads user files:

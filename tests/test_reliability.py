@@ -1,4 +1,4 @@
-"""The RELIABILITY.md cases that no module test already covers; docs/reliability.md maps every case to its test.
+"""The reliability cases that no module test already covers; docs/reliability.md maps every case to its test.
 
 A weights: a real malicious pickle never runs (A3, F1); the last 10 bytes cut (A1); float64 cast, int refused
   (A4); shape errors name the config field (A5); model_type absent (A7); shard index disagreements (A8); tied

@@ -1,4 +1,4 @@
-"""Nothing from a file is executed (RELIABILITY.md promise 1, F5, F6): an AST scan of the shipped code.
+"""Nothing from a file is executed (docs/reliability.md promise 1, F5, F6): an AST scan of the shipped code.
 
 Scanned: minilora/ (its kernels/ included), train.py, evaluate.py. Refused anywhere in them:
   - importing a pickle-family module (pickle, _pickle, cPickle, dill, joblib, shelve, marshal): they run code
