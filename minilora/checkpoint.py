@@ -152,7 +152,7 @@ def estimate_checkpoint_bytes(model, optimizer_slots=2):
 
 
 def check_disk_space(root, needed_bytes):
-    """CheckpointError before training if `root`'s disk cannot hold `needed_bytes` (RELIABILITY E2)."""
+    """CheckpointError before training if `root`'s disk cannot hold `needed_bytes` (docs/reliability.md E2)."""
     probe = root
     while not os.path.exists(probe):
         probe = os.path.dirname(probe) or "."

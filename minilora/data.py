@@ -199,7 +199,7 @@ def tokenize_example(record, tok, max_len, overlong="truncate", stats=None, prom
     alpaca: prompt and answer are encoded separately, so the prompt ids are exactly what generation feeds the
     model. chat: the conversation rendered by the checkpoint's template, labels on the assistant turns.
     Over-long rows keep their start: with "truncate" the answer is cut and still ends in EOS (or the
-    template's end-of-turn token) as RELIABILITY B4 asks; a prompt that leaves no room for one answer token
+    template's end-of-turn token) as docs/reliability.md B4 asks; a prompt that leaves no room for one answer token
     and EOS drops the row (B5).
     """
     if overlong not in ("truncate", "drop"):

@@ -70,7 +70,7 @@ class Tokenizer:
 def _read_json(path):
     if not os.path.isfile(path):
         return {}
-    if os.path.getsize(path) > MAX_CONFIG_BYTES:  # RELIABILITY F3: bound what we parse
+    if os.path.getsize(path) > MAX_CONFIG_BYTES:  # docs/reliability.md F3: bound what we parse
         raise TokenizerError(f"{path}: {os.path.getsize(path)} bytes is too large for this file (limit "
                              f"{MAX_CONFIG_BYTES}). Re-download it.")
     try:

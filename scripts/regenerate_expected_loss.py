@@ -1,4 +1,4 @@
-"""Regenerate tests/expected_loss.json, the pinned loss curves of tests/test_train.py (RELIABILITY C8).
+"""Regenerate tests/expected_loss.json, the pinned loss curves of tests/test_train.py (docs/reliability.md C8).
 
     python scripts/regenerate_expected_loss.py            # prints old vs new, writes the file
     python scripts/regenerate_expected_loss.py --check    # prints old vs new, writes nothing

@@ -1,4 +1,4 @@
-"""The training loop and train.py on a 2-layer tiny Llama, CPU fp32 (RELIABILITY C1, C2, C6, C8, D1, D3-D5).
+"""The training loop and train.py on a 2-layer tiny Llama, CPU fp32 (docs/reliability.md C1, C2, C6, C8, D1, D3-D5).
 
 - train.py end to end as a subprocess (YAML + flags): PEFT adapter that load_model attaches, metrics, plot;
 - resume is exact: 6 steps == 3 steps + resume + 3 steps, bit for bit (dropout, packing, shuffling, warmup);
