@@ -54,7 +54,7 @@ from .data import read_json_rows
 from .errors import DataError, SandboxError
 from .exec_runners import ANSWER, TESTS
 from .metrics import pass_at_k
-from .sandbox import (INSTALL_HINT, Limits, SandboxedProcess, cgroups, rlimit_gap, sandbox_available,
+from .sandbox import (INSTALL_HINT, Limits, SandboxedProcess, cgroups, interpreter, rlimit_gap, sandbox_available,
                       sandbox_status, sandbox_user)
 
 log = logging.getLogger(__name__)
@@ -244,7 +244,7 @@ class _Sample:
         stdin_r, stdin_w = os.pipe()
         outs = [os.pipe() for _ in names]
         try:
-            process = SandboxedProcess([sys.executable, "-I", "-S", "-B", "-c", source, json.dumps(config)], self.limits,
+            process = SandboxedProcess([interpreter(), "-I", "-S", "-B", "-c", source, json.dumps(config)], self.limits,
                                        self.sandboxed, pass_fds=[config[k] for k in _FDS if k in config],
                                        stdin=stdin_r, stdout=outs[0][1],
                                        stderr=outs[1][1] if len(outs) > 1 else outs[0][1])

@@ -58,11 +58,17 @@ class Limits:
 
 # ------------------------------------------------------------------------------------ file system
 
+def interpreter():
+    """The Python that samples run on: this one's base interpreter, symlinks resolved. A virtual environment's
+    `python` is a link (or copy) inside the venv, which may lie under /tmp, where the sandbox mounts its own
+    tmpfs; samples run isolated (`-I`) on the standard library alone, so the base install is all they need."""
+    return os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
+
+
 def _python_trees():
-    """Directories this interpreter needs: its install prefix(es) and the directory of the executable."""
-    trees = {os.path.realpath(p) for p in (sys.base_prefix, sys.prefix, sys.exec_prefix)}
-    trees.add(os.path.dirname(os.path.realpath(sys.executable)))
-    trees.add(os.path.dirname(os.path.abspath(sys.executable)))
+    """Directories the interpreter needs: its install prefix and the directory of the executable."""
+    trees = {os.path.realpath(p) for p in (sys.base_prefix, sys.base_exec_prefix)}
+    trees.add(os.path.dirname(interpreter()))
     kept = []
     for tree in sorted(trees):  # parents sort first: a tree inside one already bound adds nothing
         if not any(tree == k or tree.startswith(k + os.sep) for k in kept + ["/usr"]):
@@ -269,7 +275,7 @@ def cgroups():
 def _trial(user):
     """(True, "") if bwrap, started as `user` (uid, gid) or as ourselves (None), runs this interpreter."""
     try:
-        proc = SandboxedProcess([sys.executable, "-I", "-S", "-c", "pass"], Limits(), sandboxed=True, user=user,
+        proc = SandboxedProcess([interpreter(), "-I", "-S", "-c", "pass"], Limits(), sandboxed=True, user=user,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     except OSError as e:
         return False, f"bwrap could not start ({e})"

@@ -327,3 +327,18 @@ def test_as_root_the_sample_is_nobody_outside(monkeypatch):
     finally:
         for cached in (sandbox.sandbox_user, sandbox.sandbox_status):
             cached.cache_clear()
+
+
+def test_an_evaluator_in_a_virtual_environment_under_tmp(tmp_path):
+    """The usual set-up: minilora installed in a venv, here under /tmp, where the sandbox mounts its own tmpfs.
+    Samples run on the venv's base interpreter, so they still start, pass and fail as they should."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", "--system-site-packages", str(venv)], check=True)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = ("import sys; sys.path.insert(0, sys.argv[1])\n"
+              "from minilora.execution import check_completions\n"
+              f"p = {ADD!r}\n"
+              "print([r[0].status for r in check_completions([p, p], [['    return a + b\\n'], ['    return a - b\\n']])])\n")
+    out = subprocess.run([str(venv / "bin" / "python"), "-c", script, repo], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "['passed', 'failed']", out.stdout + out.stderr[-2000:]
