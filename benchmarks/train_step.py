@@ -1,4 +1,5 @@
-"""QLoRA training throughput and memory: minilora vs the HF transformers + peft + bitsandbytes stack.
+"""QLoRA training throughput and memory: minilora vs the HF transformers + peft + bitsandbytes stack, plain and
+with Liger-Kernel.
 
 Same run, same card, same random weights at the real shapes (written once to disk in bf16 and loaded by
 both stacks through their normal loaders), same LoRA (r=16, alpha=16, no dropout, all seven block
@@ -7,7 +8,7 @@ memory is its own. Before timing, the loss of the first batch is compared betwee
 
     python benchmarks/train_step.py                  # the full table, appended to benchmarks/RESULTS.md
     python benchmarks/train_step.py --only llama3.2-3b --steps 4
-    python benchmarks/train_step.py --max-seq         # longest Llama-3.2-3B sequence at batch 1 within 16 GiB
+    python benchmarks/train_step.py --no-table --max-seq   # longest Llama-3.2-3B sequence at batch 1, 16 and 24 GiB
 
 MFU counts the matmul FLOPs a QLoRA step needs (forward 2N, input gradients 2N, N = block linears + head,
 per token; attention and gradient-checkpoint recomputation not counted) against the card's dense bf16 peak
@@ -127,9 +128,7 @@ def liger_stack(directory, ckpt):
 
     with open(os.path.join(directory, "config.json")) as f:
         model_type = json.load(f)["model_type"]
-    getattr(liger, LIGER[model_type])(rope=True, rms_norm=True, swiglu=model_type in ("llama", "qwen2"),
-                                      geglu=None if model_type in ("llama", "qwen2") else True,
-                                      cross_entropy=False, fused_linear_cross_entropy=True)
+    getattr(liger, LIGER[model_type])()  # defaults: RoPE, RMSNorm, SwiGLU/GeGLU, fused linear cross-entropy
     model, _, load_peak = hf_stack(directory, ckpt, recipe=False)
 
     def loss_fn(ids, labels):
