@@ -1,4 +1,5 @@
-"""QLoRA training throughput and memory: minilora vs the HF transformers + peft + bitsandbytes stack.
+"""QLoRA training throughput and memory: minilora vs the HF transformers + peft + bitsandbytes stack, plain and
+with Liger-Kernel.
 
 Same run, same card, same random weights at the real shapes (written once to disk in bf16 and loaded by
 both stacks through their normal loaders), same LoRA (r=16, alpha=16, no dropout, all seven block
@@ -7,7 +8,7 @@ memory is its own. Before timing, the loss of the first batch is compared betwee
 
     python benchmarks/train_step.py                  # the full table, appended to benchmarks/RESULTS.md
     python benchmarks/train_step.py --only llama3.2-3b --steps 4
-    python benchmarks/train_step.py --max-seq         # longest Llama-3.2-3B sequence at batch 1 within 16 GiB
+    python benchmarks/train_step.py --no-table --max-seq   # longest Llama-3.2-3B sequence at batch 1, 16 and 24 GiB
 
 MFU counts the matmul FLOPs a QLoRA step needs (forward 2N, input gradients 2N, N = block linears + head,
 per token; attention and gradient-checkpoint recomputation not counted) against the card's dense bf16 peak
@@ -115,6 +116,30 @@ def hf_stack(directory, ckpt, recipe=True):
     return model, loss_fn, load_peak
 
 
+LIGER = {"llama": "apply_liger_kernel_to_llama", "qwen2": "apply_liger_kernel_to_qwen2",
+         "gemma": "apply_liger_kernel_to_gemma", "gemma2": "apply_liger_kernel_to_gemma2"}
+
+
+def liger_stack(directory, ckpt):
+    """HF lean (bf16 everywhere, no kbit-training prep) + Liger-Kernel's RMSNorm, RoPE, SwiGLU/GeGLU and fused
+    linear cross-entropy (the logits are never materialised), SDPA attention: the strongest peer stack we know
+    of for single-GPU QLoRA. Liger patches the model classes, so it is applied before the model is built."""
+    import liger_kernel.transformers as liger
+
+    with open(os.path.join(directory, "config.json")) as f:
+        model_type = json.load(f)["model_type"]
+    getattr(liger, LIGER[model_type])()  # defaults: RoPE, RMSNorm, SwiGLU/GeGLU, fused linear cross-entropy
+    model, _, load_peak = hf_stack(directory, ckpt, recipe=False)
+
+    def loss_fn(ids, labels):
+        # HF shifts labels inside forward: passing the unshifted ids scores logits[t] against ids[t + 1], the
+        # same targets as the other stacks' pre-shifted labels (last position ignored); mean over tokens.
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return model(input_ids=ids, labels=ids).loss
+
+    return model, loss_fn, load_peak
+
+
 def worker(args):
     """Time one stack. minilora runs the trainer's own step (minilora.trainer.optimizer_step: token-normalised
     loss, clip, fused AdamW, NaN guard with its host syncs), with CUDA-graph micro-steps ("minilora", the
@@ -133,8 +158,9 @@ def worker(args):
 
         lora.lora_grads = torch_lora_grads
     stack = {"minilora": lambda d, c: minilora_stack(d, c, kept), "minilora-eager": lambda d, c: minilora_stack(d, c, kept),
-             "hf": hf_stack, "hf-lean": lambda d, c: hf_stack(d, c, recipe=False)}[args.worker]
+             "hf": hf_stack, "hf-lean": lambda d, c: hf_stack(d, c, recipe=False), "hf-liger": liger_stack}[args.worker]
     model, loss_fn, load_peak = stack(args.dir, args.ckpt == "on")
+    after_load = torch.cuda.memory_allocated()
     vocab = model.config.vocab_size
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=2e-4, fused=True)
@@ -155,16 +181,25 @@ def worker(args):
             return optimizer_step(model, optimizer, params, [batch], 2e-4, config, torch.device("cuda"),
                                   torch.bfloat16, graphed)[0]
     else:
+        import contextlib
+
+        # HF's best effort at long context: torch's own offload of every saved activation to pinned CPU memory
+        offload = torch.autograd.graph.save_on_cpu(pin_memory=True) if args.offload else contextlib.nullcontext()
+
         def step():
-            loss = loss_fn(ids, labels)
+            with offload:
+                loss = loss_fn(ids, labels)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 0.3)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             return loss
 
-    for _ in range(2):
-        step()
+    step()
+    torch.cuda.synchronize()
+    # resident between steps: weights, LoRA, gradients (None after zero_grad(set_to_none)), optimizer moments
+    steady = torch.cuda.memory_allocated()
+    step()
     torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(args.steps):
@@ -172,10 +207,35 @@ def worker(args):
     float(last)
     torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / args.steps
-    result = dict(stack=args.worker, first_loss=first_loss, step_s=seconds,
+    result = dict(stack=args.worker, resident=resident_bytes(model, optimizer), first_loss=first_loss, step_s=seconds,
                   tokens_per_s=args.batch * args.seq / seconds, peak_gib=torch.cuda.max_memory_allocated() / 2**30,
-                  load_peak_gib=load_peak / 2**30, trainable=sum(p.numel() for p in params))
+                  load_peak_gib=load_peak / 2**30, trainable=sum(p.numel() for p in params),
+                  after_load_gib=after_load / 2**30, steady_gib=steady / 2**30,
+                  reserved_gib=torch.cuda.max_memory_reserved() / 2**30)
     print("RESULT " + json.dumps(result), flush=True)
+
+
+def resident_bytes(model, optimizer):
+    """GiB of the tensors that stay on the GPU between steps, by kind (each storage counted once)."""
+    seen, kinds = set(), {}
+
+    def add(kind, t):
+        if t is None or not t.is_cuda or t.untyped_storage().data_ptr() in seen:
+            return
+        seen.add(t.untyped_storage().data_ptr())
+        kinds[kind] = kinds.get(kind, 0) + t.untyped_storage().nbytes() / 2**30
+
+    for name, p in model.named_parameters():
+        add("trainable" if p.requires_grad else ("embedding/head" if "embed" in name or "lm_head" in name
+                                                 else "frozen float" if p.is_floating_point() else "frozen 4-bit"), p)
+        add("grads", p.grad)
+    for name, b in model.named_buffers():
+        add("frozen 4-bit" if not b.is_floating_point() or "absmax" in name or "quant" in name else "buffers", b)
+    for state in optimizer.state.values():
+        for v in state.values():
+            if torch.is_tensor(v):
+                add("optimizer", v)
+    return {k: round(v, 3) for k, v in kinds.items()}
 
 
 def linear_params(name):
@@ -215,8 +275,9 @@ def main_table(args):
         write_random_checkpoint(model_name, directory)
         hf = run_worker("hf", directory, batch, seq, ckpt, args.steps)
         lean = run_worker("hf-lean", directory, batch, seq, ckpt, args.steps) if args.lean else {"error": "not run"}
+        liger = run_worker("hf-liger", directory, batch, seq, ckpt, args.steps)
         for kept in _uncheckpointed(args.uncheckpointed, model_name) if ckpt else [0]:
-            rows.append(_row(args, model_name, directory, batch, seq, ckpt, kept, hf, lean, peak))
+            rows.append(_row(args, model_name, directory, batch, seq, ckpt, kept, hf, lean, liger, peak))
             print(json.dumps(rows[-1]), flush=True)
     return name, rows
 
@@ -229,13 +290,13 @@ def _uncheckpointed(spec, model_name):
     return [int(n) for n in per_model.get(model_name, "0").split("/")]
 
 
-def _row(args, model_name, directory, batch, seq, ckpt, kept, hf, lean, peak):
+def _row(args, model_name, directory, batch, seq, ckpt, kept, hf, lean, liger, peak):
     """minilora timed against the HF runs of the same case (`kept`: blocks left out of checkpointing)."""
     ours = run_worker("minilora", directory, batch, seq, ckpt, args.steps, uncheckpointed=kept)
     graphed = (run_worker("minilora-eager", directory, batch, seq, ckpt, args.steps, uncheckpointed=kept)
                if args.eager else {"error": "not run"})
     row = dict(model=model_name, batch=batch, seq=seq, ckpt=ckpt, kept=kept, minilora=ours, hf=hf, hf_lean=lean,
-               graph=graphed)
+               hf_liger=liger, graph=graphed)
     if "error" in ours or "error" in hf:
         return row
     row["loss_agree"] = abs(ours["first_loss"] - hf["first_loss"]) <= 0.02 * abs(hf["first_loss"])
@@ -245,28 +306,48 @@ def _row(args, model_name, directory, batch, seq, ckpt, kept, hf, lean, peak):
     row["mfu_hf"] = hf["tokens_per_s"] * 4 * linear_params(model_name) / peak
     if "error" not in graphed:
         row["speedup_graph"] = graphed["tokens_per_s"] / hf["tokens_per_s"]
+    if "error" not in liger:
+        row["speedup_liger"] = ours["tokens_per_s"] / liger["tokens_per_s"]
+        row["memory_ratio_liger"] = ours["peak_gib"] / liger["peak_gib"]
+        row["loss_agree_liger"] = abs(ours["first_loss"] - liger["first_loss"]) <= 0.02 * abs(liger["first_loss"])
     if "error" not in lean:
         row["speedup_lean"] = ours["tokens_per_s"] / lean["tokens_per_s"]
         row["memory_ratio_lean"] = ours["peak_gib"] / lean["peak_gib"]
     return row
 
 
-def max_sequence(args):
-    """Longest Llama-3.2-3B sequence that trains at batch 1 with peak memory within 16 GiB."""
+def max_sequence(args, budgets=(16, 24)):
+    """Longest Llama-3.2-3B sequence that trains at batch 1 (checkpointing on) within each budget in GiB, for
+    minilora with and without --offload-activations and for HF lean + Liger with and without torch's
+    save_on_cpu. Peak memory grows linearly with the length, so two probes give a line; the length it predicts
+    for each budget (rounded down to 1,024) is then run, and stepped down until it fits."""
     directory = os.path.join(args.workdir, "llama3.2-3b")
     write_random_checkpoint("llama3.2-3b", directory)
-    best, tried = None, []
-    lengths = (32768, 49152, 65536, 98304, 131072) if args.offload else (8192, 16384, 24576, 32768, 49152, 65536)
-    for seq in lengths:
-        r = run_worker("minilora", directory, 1, seq, True, 1, args.offload)
-        tried.append((seq, r.get("peak_gib"), "error" in r))
-        if "error" in r or r["peak_gib"] > 16:
-            break
-        best = (seq, r["peak_gib"], r["tokens_per_s"])
-    return best, tried
+    found = {}
+    for stack, offload in (("minilora", False), ("minilora", True), ("hf-liger", False), ("hf-liger", True)):
+        probes = {}
+        for seq in (4096, 8192):
+            r = run_worker(stack, directory, 1, seq, True, 1, offload)
+            probes[seq] = r
+        if any("error" in r for r in probes.values()):
+            found[(stack, offload)] = {"error": next(r["error"] for r in probes.values() if "error" in r)[-300:]}
+            continue
+        slope = (probes[8192]["peak_gib"] - probes[4096]["peak_gib"]) / 4096
+        base = probes[4096]["peak_gib"] - slope * 4096
+        found[(stack, offload)] = {}
+        for budget in budgets:
+            seq = int((budget - base) / slope) // 1024 * 1024
+            for _ in range(4):
+                r = run_worker(stack, directory, 1, seq, True, 1, offload)
+                if "error" not in r and r["peak_gib"] <= budget:
+                    found[(stack, offload)][budget] = (seq, r["peak_gib"], r["tokens_per_s"])
+                    break
+                seq = int(seq * 0.95) // 1024 * 1024
+        print(json.dumps({"stack": stack, "offload": offload, "found": found[(stack, offload)]}), flush=True)
+    return found
 
 
-def render(name, rows, max_seq, versions, offload=False):
+def render(name, rows, max_seq, versions):
     today = datetime.date.today().isoformat()
     lines = [f"## Training step: minilora vs HF transformers + peft + bitsandbytes ({today})", "",
              f"Card: {name}. {versions}. Command: `python benchmarks/train_step.py`. Random weights at the real "
@@ -276,48 +357,65 @@ def render(name, rows, max_seq, versions, offload=False):
              "fp32); HF lean = the same stack without that preparation (bf16 everywhere), a stronger baseline. "
              "minilora = the trainer's own step (`minilora.trainer.optimizer_step`) with its default CUDA-graph "
              "micro-steps; minilora eager = the same step without CUDA graphs.", "",
-             "| model | batch × seq | grad ckpt | minilora tok/s | HF tok/s | speedup | minilora peak GiB | HF peak GiB | memory ratio | HF lean tok/s, peak GiB | speedup, memory ratio vs lean | minilora eager (no CUDA graphs) tok/s, peak GiB (speedup) | MFU minilora / HF | losses agree |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---|---|---|---|---|"]
+             "HF + Liger = HF lean with Liger-Kernel's RMSNorm, RoPE, SwiGLU/GeGLU and fused linear cross-entropy "
+             "(no logits in memory), the strongest peer stack measured here.", "",
+             "| model | batch × seq | grad ckpt | minilora tok/s, peak GiB | HF recipe tok/s, peak GiB | speedup, memory ratio vs HF recipe | HF + Liger tok/s, peak GiB | speedup, memory ratio vs HF + Liger | HF lean tok/s, peak GiB | minilora eager tok/s, peak GiB | MFU minilora / HF | first losses (minilora, HF, Liger) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        o, h, le = r["minilora"], r["hf"], r["hf_lean"]
+        o, h, le, li = r["minilora"], r["hf"], r["hf_lean"], r["hf_liger"]
         ckpt = "off" if not r["ckpt"] else "on" if not r.get("kept") else f"on, last {r['kept']} blocks not"
         if "speedup" not in r:
-            lines.append(f"| {r['model']} | {r['batch']} × {r['seq']} | {ckpt} | error | error | | | | | | | | | |")
+            lines.append(f"| {r['model']} | {r['batch']} × {r['seq']} | {ckpt} | error | | | | | | | | |")
             continue
-        lines.append(f"| {r['model']} | {r['batch']} × {r['seq']} | {ckpt} | "
-                     f"{o['tokens_per_s']:,.0f} | {h['tokens_per_s']:,.0f} | {r['speedup']:.2f}× | {o['peak_gib']:.1f} | "
-                     f"{h['peak_gib']:.1f} | {r['memory_ratio']:.2f} | "
-                     + (f"{le['tokens_per_s']:,.0f}, {le['peak_gib']:.1f} | {r['speedup_lean']:.2f}×, {r['memory_ratio_lean']:.2f} | "
-                        if "speedup_lean" in r else "not run | | ")
-                     + (f"{r['graph']['tokens_per_s']:,.0f}, {r['graph']['peak_gib']:.1f} ({r['speedup_graph']:.2f}×) | "
-                        if "speedup_graph" in r else ("not run | " if r["graph"].get("error") == "not run" else "failed | "))
-                     + f"{100 * r['mfu']:.0f}% / {100 * r['mfu_hf']:.0f}% | "
-                     f"{'yes' if r['loss_agree'] else 'NO'} ({o['first_loss']:.3f} vs {h['first_loss']:.3f}) |")
+        pair = lambda x: f"{x['tokens_per_s']:,.0f}, {x['peak_gib']:.2f}" if "error" not in x else "not run"
+        lines.append(f"| {r['model']} | {r['batch']} × {r['seq']} | {ckpt} | {pair(o)} | {pair(h)} | "
+                     f"{r['speedup']:.2f}×, {r['memory_ratio']:.2f} | {pair(li)} | "
+                     + (f"{r['speedup_liger']:.2f}×, {r['memory_ratio_liger']:.2f}" if "speedup_liger" in r else "")
+                     + f" | {pair(le)} | {pair(r['graph'])} | {100 * r['mfu']:.0f}% / {100 * r['mfu_hf']:.0f}% | "
+                     f"{o['first_loss']:.3f}, {h['first_loss']:.3f}, "
+                     + (f"{li['first_loss']:.3f}" if "error" not in li else "-")
+                     + f" ({'agree' if r['loss_agree'] and r.get('loss_agree_liger', True) else 'DIFFER'}) |")
     loads = [f"{r['model']}: {r['minilora']['load_peak_gib']:.2f} GiB (HF {r['hf']['load_peak_gib']:.2f})"
              for r in rows if "speedup" in r and r["ckpt"] and r["batch"] == 8 and not r["kept"]]
     if loads:
         lines += ["", "Peak GPU memory while loading + quantizing to NF4: " + "; ".join(loads) + "."]
+    for r in rows:
+        if "speedup" in r and r["model"] == "llama3.2-3b" and r["ckpt"] and r["batch"] == 8 and not r["kept"]:
+            lines += ["", f"Where the memory goes, {r['model']} {r['batch']} × {r['seq']} with checkpointing (GiB; "
+                      "resident = tensors kept between steps, each storage once; peak = torch.cuda.max_memory_allocated):"]
+            for key, label in (("minilora", "minilora"), ("hf_liger", "HF + Liger"), ("hf", "HF recipe")):
+                x = r[key]
+                if "error" not in x:
+                    kinds = ", ".join(f"{k} {v:.2f}" for k, v in sorted(x["resident"].items(), key=lambda kv: -kv[1]))
+                    lines.append(f"- {label}: {kinds}; resident {x['steady_gib']:.2f}, peak {x['peak_gib']:.2f} "
+                                 f"(so {x['peak_gib'] - x['steady_gib']:.2f} for activations, gradients and workspace)")
     if max_seq is not None:
-        best, tried = max_seq
-        how = "gradient checkpointing on" + (", activations offloaded to CPU" if offload else "")
-        lines += ["", f"Longest Llama-3.2-3B sequence at batch 1 within 16 GiB ({how}): "
-                  + (f"{best[0]:,} tokens ({best[1]:.1f} GiB, {best[2]:,.0f} tok/s)" if best else "none of the tried lengths")
-                  + f". Tried: {', '.join(f'{s}: ' + ('error/OOM' if e else f'{p:.1f} GiB') for s, p, e in tried)}."]
+        names = {("minilora", False): "minilora", ("minilora", True): "minilora, --offload-activations",
+                 ("hf-liger", False): "HF lean + Liger", ("hf-liger", True): "HF lean + Liger, save_on_cpu"}
+        lines += ["", "Longest Llama-3.2-3B training sequence at batch 1 (gradient checkpointing on), peak GiB and "
+                  "tok/s at that length:", "", "| stack | within 16 GiB | within 24 GiB |", "|---|---|---|"]
+        for key, cells in max_seq.items():
+            if "error" in cells:
+                lines.append(f"| {names[key]} | error | error |")
+                continue
+            lines.append(f"| {names[key]} | " + " | ".join(
+                f"{cells[b][0]:,} ({cells[b][1]:.1f} GiB, {cells[b][2]:,.0f} tok/s)" if b in cells else "not found"
+                for b in (16, 24)) + " |")
     return "\n".join(lines) + "\n"
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--worker", choices=["minilora", "minilora-eager", "hf", "hf-lean"])
+    parser.add_argument("--worker", choices=["minilora", "minilora-eager", "hf", "hf-lean", "hf-liger"])
     parser.add_argument("--dir")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--ckpt", choices=["on", "off"], default="on")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--only", help="comma-separated CASES to run: model names, or name@BATCHxSEQ")
-    parser.add_argument("--max-seq", action="store_true")
-    parser.add_argument("--offload", action="store_true", help="--max-seq with activations offloaded to CPU "
-                        "(the trainer's --offload-activations; eager, no CUDA graphs)")
+    parser.add_argument("--max-seq", action="store_true", help="longest Llama-3.2-3B sequence within 16 and 24 GiB, "
+                        "minilora and HF lean + Liger, each with and without activation offload")
+    parser.add_argument("--offload", action="store_true", help=argparse.SUPPRESS)  # worker: activations to CPU
     parser.add_argument("--eager", action="store_true", help="also time minilora without CUDA graphs")
     parser.add_argument("--lean", action="store_true", help="also run the lean HF variant (no kbit-training prep)")
     parser.add_argument("--uncheckpointed", default="0", help="numbers of last blocks left out of gradient "
@@ -346,7 +444,7 @@ def main():
                 f"{transformers.__version__}, peft {peft.__version__}, bitsandbytes {bnb_version}")
     name, rows = main_table(args) if not args.no_table else (card()[0], [])
     max_seq = max_sequence(args) if args.max_seq else None
-    text = render(name, rows, max_seq, versions, args.offload)
+    text = render(name, rows, max_seq, versions)
     print(text)
     with open(args.results, "a") as f:
         f.write("\n" + text)
