@@ -177,8 +177,10 @@ def test_b1_bad_dataset_fails_before_the_model_loads(tmp_path):
 
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n\n")
-    with pytest.raises(DataError, match="0 usable rows"):  # the model directory does not even exist
-        train(TrainConfig(model=str(tmp_path / "no-model"), data=str(empty), out=str(tmp_path / "out")))
+    model = tmp_path / "model"  # a directory, so the model argument passes its check; it holds nothing to load
+    model.mkdir()
+    with pytest.raises(DataError, match="0 usable rows"):
+        train(TrainConfig(model=str(model), data=str(empty), out=str(tmp_path / "out")))
     assert not (tmp_path / "out").exists()
 
 

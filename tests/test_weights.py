@@ -140,7 +140,7 @@ def test_offline_hub_error_says_how_to_pass_a_directory(monkeypatch, tmp_path):
 
 
 def test_not_a_name_or_directory():
-    with pytest.raises(HubError, match="neither a local directory"):
+    with pytest.raises(HubError, match="no such directory"):
         resolve_model_dir("./no/such/dir")
 
 
