@@ -62,7 +62,9 @@ def interpreter():
     """The Python that samples run on: this one's base interpreter, symlinks resolved. A virtual environment's
     `python` is a link (or copy) inside the venv, which may lie under /tmp, where the sandbox mounts its own
     tmpfs; samples run isolated (`-I`) on the standard library alone, so the base install is all they need."""
-    return os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
+    if sys.prefix != sys.base_prefix:  # inside a virtual environment
+        return os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
+    return os.path.realpath(sys.executable)
 
 
 def _python_trees():
