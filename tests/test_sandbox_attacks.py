@@ -106,7 +106,7 @@ def test_existing_host_files_are_invisible_and_untouched(tmp_path):
 
 
 def test_only_tmp_is_writable_and_it_is_private(tmp_path):
-    code = ("import os\nfor p in ['/x', '/root/x', '/dev/x', '/dev/shm/x', '/usr/x', '/proc/x', '/tmp/x']:\n"
+    code = ("import os\nfor p in ['/x', '/home/x', '/dev/x', '/dev/shm/x', '/usr/x', '/proc/x', '/tmp/x']:\n"
             "    try:\n        open(p, 'w').write('a')\n        print('ok', p)\n"
             "    except OSError as e:\n        print('no', p)\nprint('cwd', os.getcwd(), os.listdir('/tmp'))\n")
     result = run(attack(code))
